@@ -1,0 +1,91 @@
+"""Image loading and preprocessing shared by training, evaluation, prediction and deployment.
+
+One implementation so that every entry point feeds the network identical tensors.
+"""
+import os
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from utils import UserError
+
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+
+def is_image_file(name):
+    return name.lower().endswith(IMAGE_EXTENSIONS) and not os.path.basename(name).startswith(".")
+
+
+def _open(path):
+    if not os.path.isfile(path):
+        raise UserError(f"image not found: {path}")
+    try:
+        img = Image.open(path)
+        img.load()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise UserError(f"cannot read image {path}: {err}") from None
+    return img
+
+
+def load_rgb(path):
+    """Any mode (grayscale, palette, RGBA, 16-bit) as 8-bit RGB."""
+    img = _open(path)
+    if img.mode in ("I;16", "I;16B", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        arr = (arr / max(arr.max(), 1.0) * 255.0).astype(np.uint8)
+        img = Image.fromarray(arr)
+    if img.mode == "RGBA" or img.mode == "LA" or (img.mode == "P" and "transparency" in img.info):
+        img = img.convert("RGBA")
+        background = Image.new("RGBA", img.size, (0, 0, 0, 255))
+        img = Image.alpha_composite(background, img)
+    return img.convert("RGB")
+
+
+def load_mask(path):
+    """Binary mask (any non-zero pixel is defect) as a PIL 'L' image of 0/255."""
+    img = _open(path)
+    arr = np.asarray(img.convert("L")) > 0
+    return Image.fromarray((arr * 255).astype(np.uint8))
+
+
+def _resize_crop(img, resize, crop_size, resample):
+    """Shorter side to `resize`, then a centre square of `crop_size` (torchvision semantics)."""
+    w, h = img.size
+    if (w, h) != _resized_size(w, h, resize):
+        img = img.resize(_resized_size(w, h, resize), resample)
+    w, h = img.size
+    left = int(round((w - crop_size) / 2.0))
+    top = int(round((h - crop_size) / 2.0))
+    return img.crop((left, top, left + crop_size, top + crop_size))
+
+
+def _resized_size(w, h, resize):
+    if w <= h:
+        return resize, int(round(resize * h / w))
+    return int(round(resize * w / h)), resize
+
+
+def preprocess_image(img, resize, crop_size):
+    """PIL RGB -> float32 CHW normalised with ImageNet statistics, plus the cropped uint8 HWC image."""
+    if crop_size > resize:
+        raise UserError(f"--crop_size {crop_size} is larger than --resize {resize}")
+    rgb = np.asarray(_resize_crop(img, resize, crop_size, Image.LANCZOS), dtype=np.uint8)
+    chw = ((rgb.astype(np.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD).transpose(2, 0, 1)
+    return np.ascontiguousarray(chw), rgb
+
+
+def preprocess_mask(mask, resize, crop_size):
+    """Same geometry as the image, nearest neighbour, as a {0,1} uint8 HxW array."""
+    return (np.asarray(_resize_crop(mask, resize, crop_size, Image.NEAREST)) > 127).astype(np.uint8)
+
+
+def load_and_preprocess(path, resize, crop_size):
+    return preprocess_image(load_rgb(path), resize, crop_size)
+
+
+def denormalize(chw):
+    """Inverse of the normalisation, for pictures."""
+    rgb = chw.transpose(1, 2, 0) * IMAGENET_STD + IMAGENET_MEAN
+    return (np.clip(rgb, 0, 1) * 255).astype(np.uint8)

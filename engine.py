@@ -1,0 +1,378 @@
+"""What the entry scripts run: flags, training, evaluation and prediction per category.
+
+train.py / eval.py / predict.py only parse flags and call these functions.
+"""
+import argparse
+import csv
+import json
+import os
+import time
+
+import numpy as np
+from tqdm import tqdm
+
+import metrics
+from datasets import iterate_batches, resolve_categories, test_samples, train_samples
+from datasets.transforms import load_and_preprocess
+from models import build_method, check_model_matches, load_model, save_model
+from models.backbone import ARCHS, make_engine
+from models.postprocess import Detector
+from utils import (UserError, dumps_json, fmt, format_table, peak_rss_mb, set_seed, str2bool,
+                   write_csv_atomic, write_text_atomic)
+from visualize import save_prediction_figure
+
+RESULT_HEADER = ["category", "image_AUROC", "pixel_AUROC", "PRO"]
+
+
+# ---------------------------------------------------------------- flags
+def add_model_args(parser):
+    from models import METHODS
+    parser.add_argument("--method", default="ortho", choices=sorted(METHODS),
+                        help="feature reduction / method: sample (PaDiM), h_sample, ortho (OrthoAD), svd_ortho, gaussian")
+    parser.add_argument("--arch", default="resnet18", choices=ARCHS, help="backbone")
+    parser.add_argument("--k", type=int, default=100, help="reduced feature dimension")
+    parser.add_argument("--seed", type=int, default=521, help="seed for projections and sampling")
+    parser.add_argument("--resize", type=int, default=256, help="shorter side before the centre crop")
+    parser.add_argument("--crop_size", type=int, default=224, help="centre crop fed to the network")
+    parser.add_argument("--save_path", default=None, help="output folder (default output/<method>_<arch>_k<k>)")
+    parser.add_argument("--model_path", default=None,
+                        help="model file, or folder of <category>.pdparams (default: --save_path)")
+
+
+def add_data_args(parser):
+    parser.add_argument("--data_path", default="demo_data", help="MVTec-layout root folder")
+    parser.add_argument("--category", default="all",
+                        help="all, objects, textures, one category or a comma list")
+    parser.add_argument("--batch_size", type=int, default=8, help="images loaded per step")
+    parser.add_argument("--num_workers", type=int, default=2, help="image-decoding threads")
+
+
+def add_runtime_args(parser):
+    parser.add_argument("--engine", default="inference", choices=["inference", "eager"],
+                        help="run the feature network with Paddle Inference (fast, same as deployment) or eager")
+    parser.add_argument("--use_gpu", type=str2bool, default=False)
+    parser.add_argument("--enable_mkldnn", type=str2bool, default=True, help="oneDNN on CPU")
+    parser.add_argument("--cpu_threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--no_progress", action="store_true", help="hide progress bars")
+
+
+def add_eval_args(parser):
+    parser.add_argument("--eval_PRO", action="store_true", help="also compute PRO (area up to FPR 0.3)")
+    parser.add_argument("--non_partial_AUC", action="store_true",
+                        help="AUROC with the OrthoAD reference's bin rule instead of sklearn (reads higher)")
+    parser.add_argument("--save_pic", type=str2bool, default=False, help="figures per test image")
+
+
+def parse(parser, argv=None):
+    args = parser.parse_args(argv)
+    if args.save_path is None:
+        args.save_path = os.path.join("output", run_name(args))
+    return args
+
+
+def run_name(args):
+    if args.method == "coreset":
+        return f"coreset_{args.arch}_r{args.coreset_ratio:g}"
+    if args.method == "efficientad":
+        return f"efficientad_{args.model_size}"
+    return f"{args.method}_{args.arch}_k{args.k}"
+
+
+def method_config(args):
+    keys = ("method", "arch", "k", "seed", "resize", "crop_size", "coreset_ratio", "num_neighbors",
+            "model_size", "train_steps")
+    cfg = {k: getattr(args, k) for k in keys if hasattr(args, k)}
+    cfg["backbone_weights"] = os.path.basename(args.backbone_weights) if getattr(args, "backbone_weights", None) else "imagenet"
+    return cfg
+
+
+def engine_kwargs(args):
+    kw = {"engine": args.engine}
+    if args.engine == "inference":
+        kw.update(use_gpu=args.use_gpu, enable_mkldnn=args.enable_mkldnn, cpu_threads=args.cpu_threads)
+    else:
+        import paddle
+        paddle.set_device("gpu" if args.use_gpu else "cpu")
+    return kw
+
+
+def model_path_for(args, category):
+    base = args.model_path or args.save_path
+    if base.endswith(".pdparams"):
+        return base
+    return os.path.join(base, f"{category}.pdparams")
+
+
+# ---------------------------------------------------------------- per-category work
+def image_batches(samples, args):
+    return lambda: (images for _, images, _, _ in
+                    iterate_batches(samples, args.batch_size, args.resize, args.crop_size, workers=args.num_workers))
+
+
+def split_calibration(samples, ratio, seed):
+    """Hold out normal training images for threshold calibration when there are no test labels."""
+    n_calib = int(round(len(samples) * ratio))
+    if ratio <= 0 or n_calib < 1 or len(samples) - n_calib < 2:
+        return samples, []
+    order = np.random.RandomState(seed).permutation(len(samples))
+    calib = set(order[:n_calib].tolist())
+    return ([s for i, s in enumerate(samples) if i not in calib],
+            [s for i, s in enumerate(samples) if i in calib])
+
+
+def detector_for(state, engine, method):
+    return Detector(engine, method.score, state["stats"], state["config"]["crop_size"], state.get("calibration"))
+
+
+def train_category(args, category):
+    """Fit one category, calibrate, optionally evaluate; the model file is written once, at the end."""
+    set_seed(args.seed)
+    cfg = method_config(args)
+    method = build_method(cfg)
+    samples = train_samples(args.data_path, category)
+    fit_samples, calib_samples = (samples, []) if args.eval else split_calibration(samples, args.calib_ratio, args.seed)
+    t0 = time.perf_counter()
+    state, engine = method.fit(image_batches(fit_samples, args), engine_kwargs(args),
+                               args.backbone_weights, progress=not args.no_progress)
+    fit_s = time.perf_counter() - t0
+    state["config"] = cfg
+    state["category"] = category
+    state["train_images"] = len(fit_samples)
+    detector = detector_for(state, engine, method)
+    result = None
+    if calib_samples:
+        scores, maps = [], []
+        for _, images, _, _ in iterate_batches(calib_samples, args.batch_size, args.resize, args.crop_size):
+            s, m = detector.raw(images)
+            scores.append(s)
+            maps.append(m)
+        state["calibration"] = normal_calibration(np.concatenate(scores), np.concatenate(maps), len(calib_samples))
+    if args.eval:
+        result = evaluate_category(args, category, detector)
+        state["calibration"] = result["calibration"]
+    result = result or {"category": category}
+    result["timing"] = {"fit_s": fit_s, "train_images": len(fit_samples), "peak_rss_mb": peak_rss_mb()}
+    save_model(model_path_for(args, category), state)
+    return result
+
+
+def normal_calibration(scores, maps, count):
+    """Thresholds from normal images only: the largest score seen, so every held-out normal
+    image and pixel is below threshold."""
+    top = float(maps.max())
+    return {"image_threshold": float(scores.max()), "pixel_threshold": top,
+            "image_min": float(scores.min()), "image_max": float(scores.max()),
+            "pixel_min": float(maps.min()), "pixel_max": top,
+            "source": f"max over {count} held-out normal training images"}
+
+
+def evaluate_category(args, category, detector):
+    """Score the test set; metrics, F1-optimal thresholds, optional pictures."""
+    samples = test_samples(args.data_path, category)
+    n = len(samples)
+    size = detector.crop_size
+    maps = np.empty((n, size, size), np.float32)
+    masks = np.empty((n, size, size), np.uint8)
+    scores = np.empty(n, np.float32)
+    rgbs = np.empty((n, size, size, 3), np.uint8) if args.save_pic else None
+    labels = np.array([s.label for s in samples])
+    pos = 0
+    t0 = time.perf_counter()
+    bar = tqdm(total=n, desc=f"test {category}", unit="img", disable=args.no_progress, leave=False)
+    for batch, images, rgb, mask in iterate_batches(samples, args.batch_size, args.resize, args.crop_size,
+                                                    with_mask=True, workers=args.num_workers):
+        s, m = detector.raw(images)
+        sl = slice(pos, pos + len(batch))
+        scores[sl], maps[sl], masks[sl] = s, m, mask
+        if rgbs is not None:
+            rgbs[sl] = rgb
+        pos += len(batch)
+        bar.update(len(batch))
+    bar.close()
+    test_s = time.perf_counter() - t0
+    result = {"category": category, "test_images": n, "ms_per_image": 1000 * test_s / n}
+    result["image_AUROC"] = metrics.auroc(labels, scores, args.non_partial_AUC)
+    result["pixel_AUROC"] = metrics.auroc(masks, maps, args.non_partial_AUC)
+    result["PRO"] = None
+    if args.eval_PRO:
+        t1 = time.perf_counter()
+        result["PRO"] = metrics.pro_auc(masks, maps, non_partial=args.non_partial_AUC)
+        result["pro_s"] = time.perf_counter() - t1
+    if labels.any() and not labels.all():
+        calib = {"image_threshold": metrics.f1_optimal_threshold(labels, scores),
+                 "pixel_threshold": metrics.f1_optimal_threshold(masks, maps),
+                 "image_min": float(scores.min()), "image_max": float(scores.max()),
+                 "pixel_min": float(maps.min()), "pixel_max": float(maps.max()),
+                 "source": f"F1-optimal on the {n} test images of {category}"}
+    else:
+        calib = normal_calibration(scores[labels == 0], maps[labels == 0], int((labels == 0).sum()))
+    result["calibration"] = calib
+    result["image_report"] = metrics.classification_report(labels, scores, calib["image_threshold"])
+    result["pixel_report"] = metrics.classification_report(masks, maps, calib["pixel_threshold"])
+    result["predictions"] = [{"image_path": s.image_path, "defect_type": s.defect_type, "label": int(s.label),
+                              "raw_score": float(v)} for s, v in zip(samples, scores)]
+    if args.save_pic:
+        detector.calibration = calib
+        out_dir = os.path.join(args.save_path, "pictures", category)
+        for i, s in enumerate(tqdm(samples, desc=f"pictures {category}", unit="img", disable=args.no_progress, leave=False)):
+            pred = detector.calibrated(scores[i:i + 1], maps[i:i + 1])[0]
+            stem = os.path.splitext(os.path.basename(s.image_path))[0]
+            save_prediction_figure(os.path.join(out_dir, f"{s.defect_type}_{stem}.png"), rgbs[i],
+                                   pred["anomaly_map"], pred["pred_mask"], masks[i],
+                                   title=f"{category}/{s.defect_type}/{stem}  score {pred['pred_score']:.3f}")
+    return result
+
+
+def print_reports(result):
+    for kind in ("image_report", "pixel_report"):
+        r = result.get(kind)
+        if r:
+            name = "classification (image)" if kind == "image_report" else "segmentation (pixel)"
+            print(f"  {name}: threshold {r['threshold']:.4f}  precision {r['precision']:.4f}  "
+                  f"recall {r['recall']:.4f}  F1 {r['f1']:.4f}")
+
+
+# ---------------------------------------------------------------- results table
+def result_row(r):
+    return [r["category"], fmt(r.get("image_AUROC")), fmt(r.get("pixel_AUROC")), fmt(r.get("PRO"))]
+
+
+def write_results(save_path, results):
+    """Merge this run's rows into <save_path>/results.csv (rows of other categories are kept),
+    recompute the mean, write atomically, and print the table."""
+    path = os.path.join(save_path, "results.csv")
+    rows = {}
+    if os.path.isfile(path):
+        with open(path, newline="") as f:
+            for row in csv.reader(f):
+                if row and row[0] not in ("category", "mean") and len(row) == len(RESULT_HEADER):
+                    rows[row[0]] = row
+    for r in results:
+        if r.get("image_AUROC") is not None or r.get("pixel_AUROC") is not None:
+            rows[r["category"]] = result_row(r)
+    body = [rows[c] for c in sorted(rows)]
+    if len(body) > 1:
+        mean = ["mean"]
+        for col in range(1, len(RESULT_HEADER)):
+            vals = [float(r[col]) for r in body if r[col] != ""]
+            mean.append(fmt(float(np.mean(vals))) if len(vals) == len(body) else "")
+        body.append(mean)
+    if not body:
+        return None
+    write_csv_atomic(path, RESULT_HEADER, body)
+    print(format_table(RESULT_HEADER, body))
+    print(f"results: {path}")
+    return path
+
+
+def write_category_metrics(save_path, result):
+    """Full per-category record (thresholds, reports, timing, raw scores) for tools and reports."""
+    record = {k: v for k, v in result.items()}
+    write_text_atomic(os.path.join(save_path, "metrics", f"{result['category']}.json"), dumps_json(record))
+
+
+def run_categories(args, work, title):
+    """Run `work(args, category)` over the selected categories. A failing category is reported
+    and skipped; the finished ones keep their models and rows. Exit code 1 if any failed."""
+    categories = resolve_categories(args.data_path, args.category)
+    results, failed = [], []
+    for category in categories:
+        print(f"[{title}] {category}")
+        try:
+            result = work(args, category)
+        except UserError as err:
+            print(f"error: {category}: {err}", file=__import__("sys").stderr)
+            failed.append(category)
+            continue
+        results.append(result)
+        if "image_AUROC" in result:
+            print(f"  image AUROC {fmt(result['image_AUROC'])}  pixel AUROC {fmt(result['pixel_AUROC'])}"
+                  + (f"  PRO {fmt(result['PRO'])}" if result.get("PRO") is not None else ""))
+            print_reports(result)
+        write_category_metrics(args.save_path, result)
+        write_results(args.save_path, results)
+    if failed:
+        if len(failed) == len(categories) and len(categories) == 1:
+            raise UserError(f"{failed[0]} failed (see above)")
+        print(f"error: {len(failed)} of {len(categories)} categories failed: {', '.join(failed)}",
+              file=__import__("sys").stderr)
+        return 1
+    return 0
+
+
+# ---------------------------------------------------------------- evaluation of a saved model
+def load_detector(args, category):
+    path = model_path_for(args, category)
+    state = load_model(path)
+    check_model_matches(state, method_config(args), path)
+    method = build_method(state["config"])
+    engine = make_engine(method.feature_net(state), (3, state["config"]["crop_size"], state["config"]["crop_size"]),
+                         **engine_kwargs(args))
+    return state, detector_for(state, engine, method), path
+
+
+def eval_category(args, category):
+    state, detector, path = load_detector(args, category)
+    # The model's own preprocessing, whatever flags were given.
+    args.resize, args.crop_size = state["config"]["resize"], state["config"]["crop_size"]
+    result = evaluate_category(args, category, detector)
+    if args.update_thresholds:
+        state["calibration"] = result["calibration"]
+        save_model(path, state)
+        print(f"  stored F1-optimal thresholds in {path}")
+    return result
+
+
+# ---------------------------------------------------------------- prediction
+def predict_images(args, paths):
+    """Calibrated prediction per image; writes map (.npy), mask (.png) and overlay figure."""
+    if args.category is None:
+        raise UserError("--category is required (it selects <model_path>/<category>.pdparams)")
+    state, detector, model_path = load_detector(args, args.category)
+    if not state.get("calibration"):
+        raise UserError(f"{model_path} has no calibrated thresholds; run eval.py on it first")
+    cfg = state["config"]
+    records = []
+    for path in tqdm(paths, desc="predict", unit="img", disable=args.no_progress or len(paths) < 2, leave=False):
+        chw, rgb = load_and_preprocess(path, cfg["resize"], cfg["crop_size"])
+        pred = detector.predict(chw[None])[0]
+        records.append(write_prediction(args.output_dir, path, rgb, pred, args.save_pic, args.overwrite))
+    return records
+
+
+def prediction_paths(out_dir, image_path):
+    stem = os.path.splitext(os.path.basename(image_path))[0]
+    return {"anomaly_map": os.path.join(out_dir, f"{stem}_anomaly_map.npy"),
+            "pred_mask": os.path.join(out_dir, f"{stem}_pred_mask.png"),
+            "overlay": os.path.join(out_dir, f"{stem}_overlay.png")}
+
+
+def write_prediction(out_dir, image_path, rgb, pred, save_pic, overwrite):
+    """Shared by predict.py and infer.py: same files, same JSON record."""
+    from utils import refuse_overwrite, save_npy_atomic
+    from visualize import save_mask_png
+    files = prediction_paths(out_dir, image_path)
+    if not save_pic:
+        files.pop("overlay")
+    if os.path.abspath(image_path) in {os.path.abspath(p) for p in files.values()}:
+        raise UserError(f"output would overwrite the input image {image_path}")
+    refuse_overwrite(files.values(), overwrite)
+    save_npy_atomic(files["anomaly_map"], pred["anomaly_map"])
+    save_mask_png(files["pred_mask"], pred["pred_mask"])
+    if save_pic:
+        save_prediction_figure(files["overlay"], rgb, pred["anomaly_map"], pred["pred_mask"],
+                               title=f"{os.path.basename(image_path)}  score {pred['pred_score']:.3f}  "
+                                     f"{'anomalous' if pred['pred_label'] else 'normal'}")
+    record = {"image_path": image_path, "pred_score": round(pred["pred_score"], 6),
+              "pred_label": "anomalous" if pred["pred_label"] else "normal",
+              "raw_score": pred["raw_score"], **files}
+    print(json.dumps(record))
+    return record
+
+
+def parser_with(*adders, description=None):
+    parser = argparse.ArgumentParser(description=description,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for add in adders:
+        add(parser)
+    return parser

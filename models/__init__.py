@@ -1,0 +1,62 @@
+"""Model zoo: one module per method sharing one interface.
+
+    method = build_method(config)
+    state, engine = method.fit(batches, engine_kwargs, weights_path)   # statistics / memory bank
+    net = method.feature_net(state)                                   # static-graph part (export)
+    patch_scores = method.score(outputs, state["stats"])              # pure numpy (deployment too)
+"""
+import os
+import pickle
+
+import numpy as np
+
+from models.padim import PROJECTIONS, PaDiM
+from utils import UserError, atomic_path
+
+MODEL_FORMAT = "paddle-anomaly-model/1"
+METHODS = {name: PaDiM for name in PROJECTIONS}
+
+
+def build_method(config):
+    name = config["method"]
+    if name not in METHODS:
+        raise UserError(f"unknown --method {name}; choose one of {', '.join(METHODS)}")
+    return METHODS[name](config)
+
+
+def save_model(path, state):
+    """Write `<category>.pdparams` atomically (paddle.save, pickle protocol 4 for >4 GB)."""
+    import paddle
+    state = dict(state, format=MODEL_FORMAT)
+    with atomic_path(path) as tmp:
+        paddle.save(state, tmp, protocol=4)
+
+
+def load_model(path):
+    import paddle
+    if not os.path.isfile(path):
+        raise UserError(f"model file not found: {path} (train it first, or pass --model_path)")
+    try:
+        state = paddle.load(path, return_numpy=True)
+    except (pickle.UnpicklingError, EOFError, ValueError, OSError, RuntimeError) as err:
+        raise UserError(f"cannot read model file {path}: {err}") from None
+    if not isinstance(state, dict) or state.get("format") != MODEL_FORMAT:
+        raise UserError(f"{path} is not a model written by train.py (no '{MODEL_FORMAT}' marker)")
+    return state
+
+
+def check_model_matches(state, config, path):
+    """A model trained with other flags than the ones given is a clear error, not silent nonsense."""
+    saved = state["config"]
+    for key in ("method", "arch", "k", "crop_size", "coreset_ratio", "model_size"):
+        if key in config and config.get(key) is not None and key in saved and saved[key] != config[key]:
+            raise UserError(f"{path} was trained with {key}={saved[key]}, not {config[key]}; "
+                            f"pass matching flags or another --model_path")
+
+
+def as_numpy_tree(obj):
+    if isinstance(obj, dict):
+        return {k: as_numpy_tree(v) for k, v in obj.items()}
+    if hasattr(obj, "numpy") and not isinstance(obj, np.ndarray):
+        return obj.numpy()
+    return obj

@@ -1,0 +1,152 @@
+"""Small shared helpers: user-facing errors, atomic file writes, seeding, tables, flags.
+
+Everything that more than one entry script needs lives here so the scripts stay flat:
+they parse flags and call into `engine`, `models`, `datasets`, `metrics` and `visualize`.
+"""
+import argparse
+import contextlib
+import csv
+import io
+import json
+import os
+import random
+import sys
+import tempfile
+import warnings
+
+import numpy as np
+
+# Paddle prints a compiler warning on import that means nothing to users of this tool.
+warnings.filterwarnings("ignore", message="No ccache found")
+# Paddle's C++ side logs graph-translation notes at warning level on every jit.save.
+os.environ.setdefault("GLOG_minloglevel", "2")
+
+
+class UserError(Exception):
+    """Bad input or environment: reported as one line on stderr, no traceback."""
+
+
+def run_cli(main):
+    """Run an entry point; UserError becomes `error: ...` on stderr and exit code 2."""
+    try:
+        code = main()
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(code or 0)
+
+
+def str2bool(value):
+    if isinstance(value, bool):
+        return value
+    if value.lower() in ("true", "1", "yes", "y", "on"):
+        return True
+    if value.lower() in ("false", "0", "no", "n", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean, got {value!r}")
+
+
+def set_seed(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    import paddle
+    paddle.seed(seed)
+
+
+# ---------------------------------------------------------------- atomic writes
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temporary path in the target's folder; rename it onto `path` only on success."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    base = os.path.basename(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=".tmp" + os.path.splitext(base)[1], dir=folder)
+    os.close(fd)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_text_atomic(path, text):
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+
+
+def write_csv_atomic(path, header, rows):
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    write_text_atomic(path, buf.getvalue())
+
+
+def save_npy_atomic(path, array):
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, array)
+
+
+def append_line(path, line):
+    """Append one line (a log record); a single write() call keeps lines whole."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(line.rstrip("\n") + "\n")
+
+
+def dumps_json(obj):
+    return json.dumps(obj, sort_keys=True, default=_json_default)
+
+
+def _json_default(obj):
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def refuse_overwrite(paths, overwrite, hint="pass --overwrite to replace them"):
+    """Never replace a user's earlier output without being told to."""
+    existing = [p for p in paths if os.path.exists(p)]
+    if existing and not overwrite:
+        more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
+        raise UserError(f"output already exists: {existing[0]}{more}; {hint}")
+
+
+# ---------------------------------------------------------------- tables
+def format_table(header, rows):
+    cells = [[str(h) for h in header]] + [["" if c is None else str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = []
+    for n, r in enumerate(cells):
+        lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+        if n == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def fmt(value, digits=4):
+    return "" if value is None else f"{value:.{digits}f}"
+
+
+def peak_rss_mb():
+    """Peak resident set size of this process in MB (Linux ru_maxrss is in KiB)."""
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def current_rss_mb():
+    try:
+        with open("/proc/self/statm") as f:
+            pages = int(f.read().split()[1])
+        return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:
+        return peak_rss_mb()
