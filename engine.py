@@ -211,6 +211,8 @@ def evaluate_category(args, category, detector):
     result["pixel_report"] = metrics.classification_report(masks, maps, calib["pixel_threshold"])
     result["predictions"] = [{"image_path": s.image_path, "defect_type": s.defect_type, "label": int(s.label),
                               "raw_score": float(v)} for s, v in zip(samples, scores)]
+    # In-memory only (not written to metrics JSON): for reports built right after evaluation.
+    result["arrays"] = {"scores": scores, "maps": maps, "masks": masks, "labels": labels, "rgbs": rgbs}
     if args.save_pic:
         detector.calibration = calib
         out_dir = os.path.join(args.save_path, "pictures", category)
@@ -267,7 +269,7 @@ def write_results(save_path, results):
 
 def write_category_metrics(save_path, result):
     """Full per-category record (thresholds, reports, timing, raw scores) for tools and reports."""
-    record = {k: v for k, v in result.items()}
+    record = {k: v for k, v in result.items() if k != "arrays"}
     write_text_atomic(os.path.join(save_path, "metrics", f"{result['category']}.json"), dumps_json(record))
 
 
