@@ -11,18 +11,37 @@ PRO_FPR_LIMIT = 0.3
 EIGHT_CONNECTED = np.ones((3, 3), dtype=int)
 
 
+REFERENCE_SWEEP_STEPS = 500
+
+
 def auroc(labels, scores, non_partial=False):
-    """Area under the ROC curve. `non_partial` uses the OrthoAD reference code's bin-width rule
-    (each ROC point's TPR times the width of the bin around its FPR, the last bin stretched to
-    FPR 1), which reads higher than the trapezoid rule on the same scores."""
-    labels = np.asarray(labels).ravel().astype(bool)
-    scores = np.asarray(scores).ravel()
+    """Area under the ROC curve (scikit-learn). With `non_partial`, the OrthoAD reference code's
+    computation instead: for image scores its bin-width rule on the full ROC (equal to the
+    trapezoid there); for pixel maps ([N, H, W]) its 500-threshold sweep, which reads higher."""
+    labels = np.asarray(labels).astype(bool)
+    scores = np.asarray(scores)
     if labels.all() or not labels.any():
         return None  # undefined with one class
     if not non_partial:
-        return float(roc_auc_score(labels, scores))
-    fpr, tpr, _ = roc_curve(labels, scores)
+        return float(roc_auc_score(labels.ravel(), scores.ravel()))
+    if scores.ndim == 3:
+        return non_partial_auc(*reference_sweep_roc(labels, scores))
+    fpr, tpr, _ = roc_curve(labels.ravel(), scores.ravel())
     return non_partial_auc(fpr, tpr)
+
+
+def reference_sweep_roc(masks, maps, steps=REFERENCE_SWEEP_STEPS):
+    """The reference's ROC: `steps` thresholds at evenly spaced ranks of the pixels of the map
+    with the highest maximum (highest first), a pixel positive when score > threshold. The curve
+    has no (0,0)/(1,1) end points, and the bin rule stretches its ends to 0 and 1 -- hence the
+    higher reading. Vectorised with sorted scores instead of one pass per threshold."""
+    worst = np.sort(maps.reshape(len(maps), -1)[maps.reshape(len(maps), -1).max(1).argmax()])
+    thresholds = worst[np.linspace(0, worst.size - 1, num=steps).astype(int)][::-1]
+    pos = np.sort(maps[masks].ravel())
+    neg = np.sort(maps[~masks].ravel())
+    tpr = (len(pos) - np.searchsorted(pos, thresholds, side="right")) / len(pos)
+    fpr = (len(neg) - np.searchsorted(neg, thresholds, side="right")) / len(neg)
+    return fpr, tpr
 
 
 def non_partial_auc(fpr, tpr):

@@ -1,0 +1,71 @@
+"""Shared fixtures: repo root on sys.path, the shared real data/weights, tiny synthetic data."""
+import os
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+SHARED = os.environ.get("AD_SHARED_DIR", os.path.join(os.path.dirname(ROOT), "shared"))
+WEIGHTS = os.path.join(SHARED, "weights", "resnet18_imagenet_layer1-3.pdparams")
+MVTEC_LITE = os.path.join(SHARED, "data", "mvtec_lite")
+
+
+def _require(path):
+    if not os.path.exists(path):
+        pytest.fail(f"shared test asset missing: {path} (expected ../shared beside the repo, "
+                    f"or set AD_SHARED_DIR)", pytrace=False)
+    return path
+
+
+@pytest.fixture(scope="session")
+def shared_dir():
+    return _require(SHARED)
+
+
+@pytest.fixture(scope="session")
+def r18_weights():
+    return _require(WEIGHTS)
+
+
+@pytest.fixture(scope="session")
+def mvtec_lite():
+    return _require(os.path.join(MVTEC_LITE, "bottle")) and MVTEC_LITE
+
+
+def make_synthetic_category(root, name="widget", n_train=6, n_good=2, n_defect=3, size=64, seed=0):
+    """A tiny MVTec-layout category: smooth noise textures; defects are bright squares."""
+    rng = np.random.RandomState(seed)
+
+    def texture():
+        base = rng.rand(size // 8, size // 8, 3)
+        img = np.asarray(Image.fromarray((base * 255).astype(np.uint8)).resize((size, size), Image.BILINEAR))
+        return img.copy()
+
+    cat = os.path.join(root, name)
+    os.makedirs(os.path.join(cat, "train", "good"))
+    os.makedirs(os.path.join(cat, "test", "good"))
+    os.makedirs(os.path.join(cat, "test", "scratch"))
+    os.makedirs(os.path.join(cat, "ground_truth", "scratch"))
+    for i in range(n_train):
+        Image.fromarray(texture()).save(os.path.join(cat, "train", "good", f"{i:03d}.png"))
+    for i in range(n_good):
+        Image.fromarray(texture()).save(os.path.join(cat, "test", "good", f"{i:03d}.png"))
+    for i in range(n_defect):
+        img = texture()
+        mask = np.zeros((size, size), np.uint8)
+        y, x = rng.randint(8, size - 24, 2)
+        img[y:y + 14, x:x + 14] = [255, 255, 255]
+        mask[y:y + 14, x:x + 14] = 255
+        Image.fromarray(img).save(os.path.join(cat, "test", "scratch", f"{i:03d}.png"))
+        Image.fromarray(mask).save(os.path.join(cat, "ground_truth", "scratch", f"{i:03d}_mask.png"))
+    return cat
+
+
+@pytest.fixture
+def synthetic_root(tmp_path):
+    root = tmp_path / "data"
+    make_synthetic_category(str(root))
+    return str(root)

@@ -1,0 +1,54 @@
+import numpy as np
+import pytest
+
+from models.padim import EPSILON, GaussianAccumulator, make_projection, mahalanobis
+from utils import UserError
+
+
+def test_streaming_stats_equal_numpy_cov():
+    rng = np.random.RandomState(0)
+    feats = (rng.randn(23, 5, 3, 4) * 0.1 + 50.0).astype(np.float32)  # large mean: tests the shift
+    acc = GaussianAccumulator()
+    for lo in range(0, 23, 7):
+        acc.update(feats[lo:lo + 7])
+    mean, precision = acc.finalize()
+    x = feats.reshape(23, 5, 12).astype(np.float64)
+    for p in (0, 7, 11):
+        np.testing.assert_allclose(mean[p], x[:, :, p].mean(0), rtol=1e-6)
+        cov = np.cov(x[:, :, p], rowvar=False) + EPSILON * np.eye(5)
+        np.testing.assert_allclose(precision[p], np.linalg.inv(cov), rtol=2e-3, atol=1e-3)
+
+
+def test_mahalanobis_matches_direct_formula():
+    rng = np.random.RandomState(1)
+    feats = rng.randn(3, 4, 2, 5).astype(np.float32)
+    mean = rng.randn(10, 4).astype(np.float32)
+    a = rng.randn(10, 4, 4)
+    precision = (a @ a.transpose(0, 2, 1) + np.eye(4)).astype(np.float32)
+    got = mahalanobis(feats, mean, precision)
+    for b in range(3):
+        for p in range(10):
+            d = feats[b, :, p // 5, p % 5] - mean[p]
+            assert got[b, p // 5, p % 5] == pytest.approx(np.sqrt(d @ precision[p] @ d), rel=1e-5)
+
+
+def test_projections():
+    chans = [64, 128, 256]
+    kind, w = make_projection("ortho", chans, 100, 521)
+    assert kind == "matrix" and w.shape == (448, 100)
+    np.testing.assert_allclose(w.T @ w, np.eye(100), atol=1e-5)
+    kind, idx = make_projection("h_sample", chans, 100, 521)
+    assert kind == "index" and len(set(idx)) == 100
+    per_layer = [np.sum((idx >= lo) & (idx < hi)) for lo, hi in [(0, 64), (64, 192), (192, 448)]]
+    assert per_layer == [14, 29, 57]  # 100 * [64, 128, 256] / 448, largest remainders
+    _, s1 = make_projection("sample", chans, 50, 7)
+    _, s2 = make_projection("sample", chans, 50, 7)
+    _, s3 = make_projection("sample", chans, 50, 8)
+    assert (s1 == s2).all() and not (s1 == s3).all()
+    rng = np.random.RandomState(0)
+    x = rng.randn(1000, 6) @ np.diag([5, 4, 3, 0.1, 0.1, 0.1])
+    _, v = make_projection("svd_ortho", [6], 3, 0, gram=x.T @ x)
+    u = np.linalg.svd(x, full_matrices=False)[2][:3].T
+    np.testing.assert_allclose(np.abs(v.T @ u), np.eye(3), atol=1e-6)
+    with pytest.raises(UserError):
+        make_projection("ortho", chans, 449, 0)
