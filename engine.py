@@ -130,6 +130,8 @@ def train_category(args, category):
     cfg = method_config(args)
     method = build_method(cfg)
     samples = train_samples(args.data_path, category)
+    if args.eval:
+        test_samples(args.data_path, category)  # fail on a broken test set before the fit, not after
     fit_samples, calib_samples = (samples, []) if args.eval else split_calibration(samples, args.calib_ratio, args.seed)
     t0 = time.perf_counter()
     state, engine = method.fit(image_batches(fit_samples, args), engine_kwargs(args),
@@ -335,25 +337,36 @@ def predict_images(args, paths):
         raise UserError(f"{model_path} has no calibrated thresholds; run eval.py on it first")
     cfg = state["config"]
     records = []
+    stems = output_stems(paths)
     for path in tqdm(paths, desc="predict", unit="img", disable=args.no_progress or len(paths) < 2, leave=False):
         chw, rgb = load_and_preprocess(path, cfg["resize"], cfg["crop_size"])
         pred = detector.predict(chw[None])[0]
-        records.append(write_prediction(args.output_dir, path, rgb, pred, args.save_pic, args.overwrite))
+        records.append(write_prediction(args.output_dir, path, stems[path], rgb, pred, args.save_pic, args.overwrite))
     return records
 
 
-def prediction_paths(out_dir, image_path):
-    stem = os.path.splitext(os.path.basename(image_path))[0]
+def output_stems(paths):
+    """File stem per input; inputs sharing a name (test/good/000.png, test/crack/000.png) get
+    their folder prefixed so that one never overwrites another."""
+    stems = {p: os.path.splitext(os.path.basename(p))[0] for p in paths}
+    counts = {}
+    for s in stems.values():
+        counts[s] = counts.get(s, 0) + 1
+    return {p: (f"{os.path.basename(os.path.dirname(os.path.abspath(p)))}_{s}" if counts[s] > 1 else s)
+            for p, s in stems.items()}
+
+
+def prediction_paths(out_dir, stem):
     return {"anomaly_map": os.path.join(out_dir, f"{stem}_anomaly_map.npy"),
             "pred_mask": os.path.join(out_dir, f"{stem}_pred_mask.png"),
             "overlay": os.path.join(out_dir, f"{stem}_overlay.png")}
 
 
-def write_prediction(out_dir, image_path, rgb, pred, save_pic, overwrite):
+def write_prediction(out_dir, image_path, stem, rgb, pred, save_pic, overwrite):
     """Shared by predict.py and infer.py: same files, same JSON record."""
     from utils import refuse_overwrite, save_npy_atomic
     from visualize import save_mask_png
-    files = prediction_paths(out_dir, image_path)
+    files = prediction_paths(out_dir, stem)
     if not save_pic:
         files.pop("overlay")
     if os.path.abspath(image_path) in {os.path.abspath(p) for p in files.values()}:
