@@ -28,9 +28,16 @@ RESULT_HEADER = ["category", "image_AUROC", "pixel_AUROC", "PRO"]
 def add_model_args(parser):
     from models import METHODS
     parser.add_argument("--method", default="ortho", choices=sorted(METHODS),
-                        help="feature reduction / method: sample (PaDiM), h_sample, ortho (OrthoAD), svd_ortho, gaussian")
+                        help="feature reduction / method: sample (PaDiM), h_sample, ortho (OrthoAD), svd_ortho, gaussian, "
+                             "coreset (PatchCore)")
     parser.add_argument("--arch", default="resnet18", choices=ARCHS, help="backbone")
     parser.add_argument("--k", type=int, default=100, help="reduced feature dimension")
+    parser.add_argument("--coreset_ratio", type=float, default=0.01,
+                        help="coreset: share of the training patches kept in the memory bank")
+    parser.add_argument("--num_neighbors", type=int, default=9,
+                        help="coreset: bank neighbours in the image-score re-weighting (1: plain maximum)")
+    parser.add_argument("--faiss", action="store_true",
+                        help="coreset: nearest-neighbour search with faiss IndexFlatL2 (pip install faiss-cpu)")
     parser.add_argument("--seed", type=int, default=521, help="seed for projections and sampling")
     parser.add_argument("--resize", type=int, default=256, help="shorter side before the centre crop")
     parser.add_argument("--crop_size", type=int, default=224, help="centre crop fed to the network")
@@ -65,6 +72,8 @@ def add_eval_args(parser):
 
 def parse(parser, argv=None):
     args = parser.parse_args(argv)
+    if hasattr(args, "method"):
+        build_method(runtime_config(method_config(args), args))  # bad method flags fail now, in one line
     if args.save_path is None:
         args.save_path = os.path.join("output", run_name(args))
     return args
@@ -84,6 +93,12 @@ def method_config(args):
     cfg = {k: getattr(args, k) for k in keys if hasattr(args, k)}
     cfg["backbone_weights"] = os.path.basename(args.backbone_weights) if getattr(args, "backbone_weights", None) else "imagenet"
     return cfg
+
+
+def runtime_config(config, args):
+    """The model's config plus the flags that change how it runs, not what it computes
+    (never saved: a model trained with --faiss scores the same without it)."""
+    return dict(config, faiss=getattr(args, "faiss", False))
 
 
 def engine_kwargs(args):
@@ -121,14 +136,15 @@ def split_calibration(samples, ratio, seed):
 
 
 def detector_for(state, engine, method):
-    return Detector(engine, method.score, state["stats"], state["config"]["crop_size"], state.get("calibration"))
+    return Detector(engine, method.score, state["stats"], state["config"]["crop_size"], state.get("calibration"),
+                    image_score=getattr(method, "image_score", None))
 
 
 def train_category(args, category):
     """Fit one category, calibrate, optionally evaluate; the model file is written once, at the end."""
     set_seed(args.seed)
     cfg = method_config(args)
-    method = build_method(cfg)
+    method = build_method(runtime_config(cfg, args))
     samples = train_samples(args.data_path, category)
     if args.eval:
         test_samples(args.data_path, category)  # fail on a broken test set before the fit, not after
@@ -309,7 +325,7 @@ def load_detector(args, category):
     path = model_path_for(args, category)
     state = load_model(path)
     check_model_matches(state, method_config(args), path)
-    method = build_method(state["config"])
+    method = build_method(runtime_config(state["config"], args))
     engine = make_engine(method.feature_net(state), (3, state["config"]["crop_size"], state["config"]["crop_size"]),
                          **engine_kwargs(args))
     return state, detector_for(state, engine, method), path

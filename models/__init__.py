@@ -4,6 +4,7 @@
     state, engine = method.fit(batches, engine_kwargs, weights_path)   # statistics / memory bank
     net = method.feature_net(state)                                   # static-graph part (export)
     patch_scores = method.score(outputs, state["stats"])              # pure numpy (deployment too)
+    image_scores = method.image_score(outputs, patch_scores, state["stats"])  # optional; default: map max
 """
 import os
 import pickle
@@ -11,10 +12,11 @@ import pickle
 import numpy as np
 
 from models.padim import PROJECTIONS, PaDiM
+from models.patchcore import PatchCore
 from utils import UserError, atomic_path
 
 MODEL_FORMAT = "paddle-anomaly-model/1"
-METHODS = {name: PaDiM for name in PROJECTIONS}
+METHODS = {**{name: PaDiM for name in PROJECTIONS}, "coreset": PatchCore}
 
 
 def build_method(config):

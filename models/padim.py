@@ -89,12 +89,12 @@ _POOL = ThreadPoolExecutor(max_workers=os.cpu_count() or 1)
 _BLAS = ThreadpoolController()
 
 
-def over_positions(fn, n_positions):
-    """Run fn(lo) for every chunk of positions, one thread per core. Each matrix is small, so
-    BLAS's own threading only adds overhead: it is held at one thread while chunks run in
-    parallel (numpy and LAPACK release the GIL)."""
+def over_positions(fn, n_positions, chunk=POSITION_CHUNK):
+    """Run fn(lo) for every chunk of positions (or rows), one thread per core. Each matrix is
+    small, so BLAS's own threading only adds overhead: it is held at one thread while chunks
+    run in parallel (numpy and LAPACK release the GIL)."""
     with _BLAS.limit(limits=1):
-        list(_POOL.map(fn, range(0, n_positions, POSITION_CHUNK)))
+        list(_POOL.map(fn, range(0, n_positions, chunk)))
 
 
 

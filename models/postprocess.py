@@ -31,26 +31,32 @@ class Detector:
     """images [B,3,S,S] -> raw image scores and maps, and the calibrated uniform output.
 
     `engine`: callable images -> list of feature arrays (Paddle Inference, eager, or ONNX Runtime);
-    `score`: the method's pure-numpy scorer (outputs, stats) -> [B, h, w] patch scores.
+    `score`: the method's pure-numpy scorer (outputs, stats) -> [B, h, w] patch scores;
+    `image_score`: optional (outputs, patch scores, stats) -> [B] for methods whose image score
+    is not the map maximum (PatchCore's re-weighting).
     """
 
-    def __init__(self, engine, score, stats, crop_size, calibration=None, blur_sigma=BLUR_SIGMA):
+    def __init__(self, engine, score, stats, crop_size, calibration=None, blur_sigma=BLUR_SIGMA, image_score=None):
         self.engine = engine
         self.score = score
+        self.image_score = image_score
         self.stats = stats
         self.crop_size = crop_size
         self.calibration = calibration
         self.blur_sigma = blur_sigma
 
     def raw(self, images, chunk=1):
-        """-> (image scores [B], maps [B,S,S]); image score = map maximum. Batch 1 through
-        the engine is the fastest on CPU, so larger batches are fed in chunks."""
-        maps = []
+        """-> (image scores [B], maps [B,S,S]); image score = map maximum unless the method
+        supplies `image_score`. Batch 1 through the engine is the fastest on CPU, so larger
+        batches are fed in chunks."""
+        scores, maps = [], []
         for i in range(0, len(images), chunk):
             outputs = self.engine(images[i:i + chunk])
-            maps.append(anomaly_maps(self.score(outputs, self.stats), self.crop_size, self.blur_sigma))
-        maps = np.concatenate(maps)
-        return maps.reshape(len(maps), -1).max(axis=1), maps
+            patch_scores = self.score(outputs, self.stats)
+            maps.append(anomaly_maps(patch_scores, self.crop_size, self.blur_sigma))
+            scores.append(maps[-1].reshape(len(maps[-1]), -1).max(axis=1) if self.image_score is None
+                          else self.image_score(outputs, patch_scores, self.stats))
+        return np.concatenate(scores), np.concatenate(maps)
 
     def predict(self, images):
         """Uniform output per image: pred_score, pred_label, anomaly_map, pred_mask (calibrated)."""

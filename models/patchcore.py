@@ -1,0 +1,331 @@
+"""PatchCore (Roth et al., CVPR 2022): a coreset memory bank of locally aware patch features,
+nearest-neighbour patch scores and the paper's re-weighted image score (`--method coreset`).
+
+Features (static graph, so deployment runs the same path): layer2 and layer3, each averaged
+over 3x3 patch neighbourhoods, layer3 bilinearly upsampled to layer2's grid, concatenated and
+average-pooled over channels to EMBED_DIM (adaptive pooling, written as a fixed 1x1 conv).
+
+For resnet18 that pooling maps 384 channels to 1024: the features lie in a 384-dim subspace,
+so bank and queries are kept in an orthonormal basis of it (`stats['basis']`). Euclidean
+distances are unchanged and the nearest-neighbour search does 2.7x less work.
+
+Memory bank: exact greedy k-center coreset of all training patches (`greedy_k_center`), chosen
+in a seeded 128-dim Gaussian random projection, `--coreset_ratio` of the patches.
+"""
+import numpy as np
+import paddle
+import paddle.nn as nn
+import paddle.nn.functional as F
+from threadpoolctl import threadpool_limits
+from tqdm import tqdm
+
+from models.backbone import ResNetFeatures, make_engine
+from models.padim import make_projection, over_positions, run_in_chunks
+from utils import UserError
+
+LAYERS = ("layer2", "layer3")
+EMBED_DIM = 1024        # feature dimension after channel pooling (the reference's default)
+PROJECT_DIM = 128       # random projection the coreset is selected in
+QUERY_BLOCK = 1 << 22   # query x bank distances per matmul block (16 MB of float32)
+ROW_CHUNK = 8192        # training patches per block in the dense k-center updates
+
+
+# ---------------------------------------------------------------- features
+def channel_pool_matrix(channels, dim):
+    """[dim, channels] matrix equal to adaptive_avg_pool1d over channels: output i averages
+    channels floor(i*C/dim) .. ceil((i+1)*C/dim) - 1."""
+    pool = np.zeros((dim, channels), np.float32)
+    for i in range(dim):
+        lo, hi = i * channels // dim, -(-(i + 1) * channels // dim)
+        pool[i, lo:hi] = 1.0 / (hi - lo)
+    return pool
+
+
+def feature_basis(pool):
+    """Orthonormal basis [dim, rank] of the pooled features' subspace, or None when they span
+    all `dim` dimensions (then the basis would only cost a matmul)."""
+    u, s, _ = np.linalg.svd(pool.astype(np.float64), full_matrices=False)
+    rank = int((s > s[0] * 1e-6).sum())
+    return None if rank == pool.shape[0] else u[:, :rank].astype(np.float32)
+
+
+class PatchCoreFeatureNet(nn.Layer):
+    """image -> locally aware patch features [B, EMBED_DIM, H/8, W/8]."""
+
+    def __init__(self, arch, dim=EMBED_DIM):
+        super().__init__()
+        self.backbone = ResNetFeatures(arch, LAYERS)
+        pool = channel_pool_matrix(sum(self.backbone.channels()), dim)
+        self.register_buffer("channel_pool", paddle.to_tensor(pool[:, :, None, None]))
+
+    def forward(self, x):
+        # exclusive=False: border averages count the zero padding, as the reference's AvgPool2d.
+        fine, coarse = [F.avg_pool2d(f, 3, stride=1, padding=1, exclusive=False) for f in self.backbone(x)]
+        coarse = F.interpolate(coarse, size=fine.shape[-2:], mode="bilinear", align_corners=False)
+        return F.conv2d(paddle.concat([fine, coarse], axis=1), self.channel_pool)
+
+
+def patch_rows(features, basis=None):
+    """[B, D, h, w] -> [B*h*w, D] (or [B*h*w, rank] in `basis`), rows in (image, y, x) order."""
+    rows = features.transpose(0, 2, 3, 1).reshape(-1, features.shape[1])
+    return np.ascontiguousarray(rows if basis is None else rows @ basis, np.float32)
+
+
+# ---------------------------------------------------------------- coreset
+def greedy_k_center(points, n_select, seed, per_update=256, n_candidates=4096, n_blocks=1024, progress=False):
+    """Exact greedy k-center (Gonzalez): a seeded random first centre, then always the point
+    farthest from the centres chosen so far.
+
+    -> (indices [n_select] in selection order, radii [n_select]); radii[t] is the distance of
+    centre t to the earlier centres, i.e. the coverage radius of the first t (radii[0] = inf),
+    so it never increases.
+
+    Two exact accelerations (float32 arithmetic, ties aside):
+    * lazy updates: every point's squared distance to the chosen set (`nearest`) is updated by
+      one matrix product per `per_update` new centres. In between, the next centre is the best
+      of the `n_candidates` points with the largest stale distances, whose distances are kept
+      current: stale distances only overestimate, so while that best beats the largest stale
+      distance outside the candidates it is the farthest point; otherwise the update runs early.
+    * pruning: from the first `n_blocks` centres on, points are grouped (and stored contiguously)
+      by their nearest centre, a ball of radius R_b around centre b. A new centre c can only
+      bring a point of block b closer when |c - b| - R_b < the farthest point of b (triangle
+      inequality); other blocks are skipped (~90% of the distances on bottle at 10%).
+    """
+    z = np.asarray(points, np.float32)
+    n = len(z)
+    if not 0 < n_select <= n:
+        raise ValueError(f"cannot select {n_select} of {n} points")
+    z = z - z.mean(axis=0)  # smaller norms: less cancellation in |x|^2 - 2 x.c + |c|^2
+    sq = np.einsum("ij,ij->i", z, z)
+    order = np.arange(n)    # working position -> input index (points get regrouped by block)
+    first = np.random.RandomState(seed).randint(n)
+    chosen, radii = [first], [np.inf]
+    nearest = np.maximum(sq - 2 * (z @ z[first]) + sq[first], 0)
+    nearest[first] = -np.inf  # chosen points are marked, so that rounding never brings one back
+    owner = np.zeros(n, np.int64)  # position in `chosen` of each point's nearest centre
+    blocks = None                  # (bounds, centres, their |c|^2, radius, farthest) once grouped
+
+    def pick(limit):
+        top = min(n, n_candidates)
+        split = np.argpartition(nearest, n - top)
+        cand = split[n - top:]
+        stale_max = nearest[split[:n - top]].max() if top < n else -np.inf
+        current, zc, sqc = nearest[cand], z[cand], sq[cand]
+        new = []
+        while len(new) < limit:
+            i = int(current.argmax())
+            if current[i] < stale_max:
+                break
+            new.append(int(cand[i]))
+            radii.append(float(np.sqrt(max(current[i], 0))))
+            np.minimum(current, sqc - 2 * (zc @ zc[i]) + sqc[i], out=current)
+            current[i] = -np.inf
+        return new
+
+    def dense_update(new):
+        base, zt, sqn = len(chosen) - len(new), -2 * z[new].T, sq[new]
+
+        def rows(lo):
+            s = slice(lo, lo + ROW_CHUNK)
+            d = z[s] @ zt
+            d += sqn
+            arg = d.argmin(axis=1)
+            dist = np.maximum(d[np.arange(len(d)), arg] + sq[s], 0)
+            closer = dist < nearest[s]
+            nearest[s] = np.where(closer, dist, nearest[s])
+            owner[s] = np.where(closer, base + arg, owner[s])
+        over_positions(rows, n, ROW_CHUNK)
+
+    def group_by_owner():
+        nonlocal z, sq, nearest, order, chosen
+        perm = np.argsort(owner, kind="stable")
+        z, sq, nearest, order = z[perm], sq[perm], nearest[perm], order[perm]
+        chosen = list(np.argsort(perm)[chosen])  # the centres' new working positions
+        bounds = np.searchsorted(owner[perm], np.arange(len(chosen) + 1))
+        radius = np.full(len(chosen), -np.inf, np.float32)  # empty blocks are never reached
+        full = np.flatnonzero(np.diff(bounds) > 0)
+        radius[full] = np.sqrt(np.maximum(np.maximum.reduceat(nearest, bounds[full]), 0))
+        centres = z[chosen]
+        return bounds, centres, np.einsum("ij,ij->i", centres, centres), radius, radius.copy()
+
+    def blocked_update(new):
+        bounds, centres, centre_sq, radius, farthest = blocks
+        zt, sqn = -2 * z[new].T, sq[new]
+        centre_dist = np.sqrt(np.maximum(centre_sq[:, None] + centres @ zt + sqn, 0))
+        # Small margin: the bound must not prune on float32 rounding.
+        reach = centre_dist < (radius + farthest)[:, None] * (1 + 1e-5) + 1e-6
+        active = np.flatnonzero(reach.any(axis=1))
+        step = -(-len(active) // 8)  # a few slices per thread: blocks differ in size and reach
+
+        def update(lo):
+            for b in active[lo:lo + step]:
+                s, cols = slice(bounds[b], bounds[b + 1]), reach[b]
+                d = z[s] @ zt[:, cols]
+                d += sqn[cols]
+                np.minimum(nearest[s], d.min(axis=1) + sq[s], out=nearest[s])
+                farthest[b] = np.sqrt(max(nearest[s].max(), 0))
+        over_positions(update, len(active), max(step, 1))
+
+    bar = tqdm(total=n_select, desc="coreset", unit="pt", disable=not progress, leave=False)
+    bar.update(1)
+    with threadpool_limits(limits=1):  # the per-centre matvecs are tiny: threads only contend
+        while len(chosen) < n_select:
+            limit = min(per_update, n_select - len(chosen))
+            if blocks is None and len(chosen) < n_blocks:
+                limit = min(limit, n_blocks - len(chosen))
+            new = pick(limit)
+            chosen += new
+            bar.update(len(new))
+            if len(chosen) == n_select:
+                break
+            (dense_update if blocks is None else blocked_update)(new)
+            nearest[new] = -np.inf
+            if blocks is None and len(chosen) >= n_blocks:
+                blocks = group_by_owner()
+    bar.close()
+    return order[np.array(chosen)], np.array(radii)
+
+
+# ---------------------------------------------------------------- nearest neighbours
+def import_faiss():
+    try:
+        import faiss
+    except ImportError:
+        raise UserError("--faiss needs the faiss package: pip install faiss-cpu (or drop --faiss)") from None
+    return faiss
+
+
+class NearestBank:
+    """k nearest memory-bank rows (Euclidean) of query rows: exact batched matmul by default,
+    faiss IndexFlatL2 (also exact) with use_faiss."""
+
+    def __init__(self, bank, use_faiss=False):
+        self.bank = np.ascontiguousarray(bank, np.float32)
+        self.bank_sq = np.einsum("ij,ij->i", self.bank, self.bank)
+        self.index = None
+        if use_faiss:
+            self.index = import_faiss().IndexFlatL2(self.bank.shape[1])
+            self.index.add(self.bank)
+
+    def search(self, queries, k=1):
+        """-> (distances [n, k] ascending, bank indices [n, k])."""
+        q = np.ascontiguousarray(queries, np.float32)
+        k = min(k, len(self.bank))
+        if self.index is not None:
+            d2, idx = self.index.search(q, k)
+            return np.sqrt(np.maximum(d2, 0)), idx.astype(np.int64)
+        d2 = np.empty((len(q), k), np.float32)
+        idx = np.empty((len(q), k), np.int64)
+        rows = max(1, QUERY_BLOCK // len(self.bank))
+
+        def block(lo):
+            s = slice(lo, lo + rows)
+            d = q[s] @ self.bank.T
+            d *= -2
+            d += self.bank_sq
+            d += np.einsum("ij,ij->i", q[s], q[s])[:, None]
+            near = d.argmin(axis=1)[:, None] if k == 1 else np.argpartition(d, k - 1, axis=1)[:, :k]
+            near_d = np.take_along_axis(d, near, axis=1)
+            ranked = np.argsort(near_d, axis=1, kind="stable")
+            d2[s], idx[s] = np.take_along_axis(near_d, ranked, axis=1), np.take_along_axis(near, ranked, axis=1)
+        over_positions(block, len(q), rows)
+        return np.sqrt(np.maximum(d2, 0)), idx
+
+
+def reweighted_image_score(s_star, q, bank, search, num_neighbors):
+    """The paper's image score: s* = the image's largest patch score, at test patch q whose
+    nearest bank patch is m*; s = (1 - softmax(|q - m|, m in N(m*))[m*]) * s*, with N(m*) the
+    num_neighbors nearest bank patches of m* (m* included). s* counts less when m* lies in a
+    dense part of the bank, i.e. when q is about as close to m*'s neighbours as to m*.
+
+    q [D] in the bank's coordinates; search: NearestBank.search."""
+    if num_neighbors <= 1:
+        return float(s_star)
+    m_star = int(search(q[None], 1)[1][0, 0])
+    neighbours = search(bank[m_star][None], num_neighbors)[1][0]
+    dist = np.sqrt(((bank[neighbours] - q) ** 2).sum(axis=1, dtype=np.float64))
+    # |q - m*| = s*; the softmax is taken relative to the largest distance, within exp's range.
+    return float((1.0 - np.exp(s_star - dist.max()) / np.exp(dist - dist.max()).sum()) * s_star)
+
+
+# ---------------------------------------------------------------- the method
+class PatchCore:
+    """fit(train batches) -> state; feature_net(state) -> graph; score -> patch maps;
+    image_score -> the re-weighted image scores (the Detector's hook)."""
+
+    def __init__(self, config):
+        self.config = config
+        ratio, neighbours = config.get("coreset_ratio", 0.01), config.get("num_neighbors", 9)
+        if not 0 < ratio <= 1:
+            raise UserError(f"--coreset_ratio must be in (0, 1] (share of training patches kept), got {ratio:g}")
+        if neighbours < 1:
+            raise UserError(f"--num_neighbors must be at least 1, got {neighbours}")
+        self.ratio, self.num_neighbors = ratio, neighbours
+        self.use_faiss = bool(config.get("faiss"))
+        if self.use_faiss:
+            import_faiss()
+        self._bank = None  # (bank array, NearestBank) of the last stats scored
+
+    def feature_net(self, state):
+        net = PatchCoreFeatureNet(self.config["arch"])
+        net.set_state_dict(state["net"])
+        net.eval()
+        return net
+
+    def fit(self, batches, engine_kwargs, weights_path, progress=True):
+        net, engine, basis = self.feature_engine(weights_path, engine_kwargs)
+        parts = self.training_rows(engine, batches(), basis, progress)
+        bank, projection = self.select_coreset(parts, progress)
+        stats = {"memory_bank": bank} if basis is None else {"memory_bank": bank, "basis": basis}
+        state = {"net": {k: v.numpy() for k, v in net.state_dict().items()}, "stats": stats,
+                 "projection": projection, "train_patches": sum(len(p) for p in parts)}
+        return state, engine
+
+    def feature_engine(self, weights_path, engine_kwargs):
+        """-> (feature net with the backbone weights, its engine, feature basis or None)."""
+        net = PatchCoreFeatureNet(self.config["arch"])
+        net.backbone.load_pretrained(weights_path)
+        size = self.config["crop_size"]
+        engine = make_engine(net, (3, size, size), **engine_kwargs)
+        return net, engine, feature_basis(net.channel_pool.numpy()[:, :, 0, 0])
+
+    @staticmethod
+    def training_rows(engine, batches, basis, progress=False):
+        """-> one [B*h*w, D] array of patch features per batch (in `basis`)."""
+        return [patch_rows(run_in_chunks(engine, images)[0], basis)
+                for images in tqdm(batches, desc="features", unit="batch", disable=not progress, leave=False)]
+
+    def select_coreset(self, parts, progress=False):
+        """Training patch rows (a list of arrays, never concatenated: they are the largest
+        thing held) -> (memory bank [M, D] in selection order, projection [D, 128])."""
+        dim = parts[0].shape[1]
+        _, projection = make_projection("gaussian", [dim], min(PROJECT_DIM, dim), self.config["seed"])
+        projected = np.concatenate([p @ projection for p in parts])
+        n_select = max(1, round(len(projected) * self.ratio))
+        chosen, _ = greedy_k_center(projected, n_select, self.config["seed"], progress=progress)
+        offsets = np.cumsum([0] + [len(p) for p in parts])
+        part = np.searchsorted(offsets, chosen, side="right") - 1
+        bank = np.stack([parts[i][j] for i, j in zip(part, chosen - offsets[part])])
+        return bank, projection
+
+    def nearest_bank(self, stats):
+        bank = stats["memory_bank"]
+        if self._bank is None or self._bank[0] is not bank:
+            self._bank = (bank, NearestBank(bank, self.use_faiss))
+        return self._bank[1]
+
+    def score(self, outputs, stats):
+        """Patch score = distance to the nearest memory-bank patch: [B, h, w]."""
+        b, _, h, w = outputs[0].shape
+        dist, _ = self.nearest_bank(stats).search(patch_rows(outputs[0], stats.get("basis")), 1)
+        return dist[:, 0].reshape(b, h, w)
+
+    def image_score(self, outputs, patch_scores, stats):
+        """The Detector's image-score hook: re-weighted largest patch score per image [B]."""
+        basis, bank, search = stats.get("basis"), stats["memory_bank"], self.nearest_bank(stats).search
+        scores = []
+        for features, patches in zip(outputs[0], patch_scores):
+            y, x = np.unravel_index(patches.argmax(), patches.shape)
+            q = features[:, y, x] if basis is None else features[:, y, x] @ basis
+            scores.append(reweighted_image_score(patches[y, x], q, bank, search, self.num_neighbors))
+        return np.array(scores, np.float32)
