@@ -4,7 +4,6 @@ train.py / eval.py / predict.py only parse flags and call these functions.
 """
 import argparse
 import csv
-import json
 import os
 import time
 
@@ -16,12 +15,13 @@ from datasets import iterate_batches, resolve_categories, test_samples, train_sa
 from datasets.transforms import load_and_preprocess
 from models import build_method, check_model_matches, load_model, save_model
 from models.backbone import ARCHS, make_engine
-from models.postprocess import Detector
+from models.postprocess import BLUR_SIGMA, Detector
 from utils import (UserError, dumps_json, fmt, format_table, peak_rss_mb, set_seed, str2bool,
                    write_csv_atomic, write_text_atomic)
-from visualize import save_prediction_figure
+import visualize
 
 RESULT_HEADER = ["category", "image_AUROC", "pixel_AUROC", "PRO"]
+LITE_STEPS, LITE_MINUTES = 100, 15.0  # efficientad --lite: the measured bottle budget on 2 CPU cores
 
 
 # ---------------------------------------------------------------- flags
@@ -38,6 +38,22 @@ def add_model_args(parser):
                         help="coreset: bank neighbours in the image-score re-weighting (1: plain maximum)")
     parser.add_argument("--faiss", action="store_true",
                         help="coreset: nearest-neighbour search with faiss IndexFlatL2 (pip install faiss-cpu)")
+    parser.add_argument("--model_size", default="small", choices=["small", "medium"], help="efficientad: PDN size")
+    parser.add_argument("--train_steps", type=int, default=None,
+                        help="efficientad: training steps (default: the paper's 70000; 60000 with --distill)")
+    parser.add_argument("--train_minutes", type=float, default=None,
+                        help="efficientad: time box; training stops after this many minutes (lr drop at 95%%)")
+    parser.add_argument("--lite", action="store_true",
+                        help=f"efficientad: CPU setting, --train_steps {LITE_STEPS} within --train_minutes {LITE_MINUTES:g}")
+    parser.add_argument("--teacher_weights", default=None,
+                        help="efficientad: distilled teacher .pdparams (written there by --distill)")
+    parser.add_argument("--imagenet_dir", default=None, help="efficientad: images for the student's ImageNet penalty")
+    parser.add_argument("--distill", action="store_true",
+                        help="efficientad: distil a teacher PDN from --backbone_weights on --distill_data, then exit")
+    parser.add_argument("--distill_data", nargs="+", default=None, metavar="DIR",
+                        help="efficientad --distill: folders of natural images (searched recursively)")
+    parser.add_argument("--resume", action="store_true", help="efficientad: continue from the last checkpoint")
+    parser.add_argument("--checkpoint_every", type=int, default=500, help="efficientad: steps between checkpoints")
     parser.add_argument("--seed", type=int, default=521, help="seed for projections and sampling")
     parser.add_argument("--resize", type=int, default=256, help="shorter side before the centre crop")
     parser.add_argument("--crop_size", type=int, default=224, help="centre crop fed to the network")
@@ -76,7 +92,23 @@ def parse(parser, argv=None):
         build_method(runtime_config(method_config(args), args))  # bad method flags fail now, in one line
     if args.save_path is None:
         args.save_path = os.path.join("output", run_name(args))
+    apply_method_defaults(args)
     return args
+
+
+def apply_method_defaults(args):
+    """EfficientAD's PDN takes 256x256 images (no 224 ImageNet crop) and the paper's step counts."""
+    if args.method != "efficientad":
+        return
+    from models.efficientad import IMAGE_SIZE, PAPER_DISTILL_STEPS, PAPER_TRAIN_STEPS
+    args.resize = args.crop_size = IMAGE_SIZE
+    if getattr(args, "lite", False):
+        args.train_steps = args.train_steps or LITE_STEPS
+        args.train_minutes = args.train_minutes or LITE_MINUTES
+    if args.train_steps is None:
+        args.train_steps = PAPER_DISTILL_STEPS if getattr(args, "distill", False) else PAPER_TRAIN_STEPS
+    if args.train_steps < 1:
+        raise UserError(f"--train_steps must be at least 1, got {args.train_steps}")
 
 
 def run_name(args):
@@ -137,7 +169,8 @@ def split_calibration(samples, ratio, seed):
 
 def detector_for(state, engine, method):
     return Detector(engine, method.score, state["stats"], state["config"]["crop_size"], state.get("calibration"),
-                    image_score=getattr(method, "image_score", None))
+                    image_score=getattr(method, "image_score", None),
+                    blur_sigma=getattr(method, "blur_sigma", BLUR_SIGMA))
 
 
 def train_category(args, category):
@@ -150,8 +183,9 @@ def train_category(args, category):
         test_samples(args.data_path, category)  # fail on a broken test set before the fit, not after
     fit_samples, calib_samples = (samples, []) if args.eval else split_calibration(samples, args.calib_ratio, args.seed)
     t0 = time.perf_counter()
+    options = method.fit_options(args, category) if hasattr(method, "fit_options") else {}
     state, engine = method.fit(image_batches(fit_samples, args), engine_kwargs(args),
-                               args.backbone_weights, progress=not args.no_progress)
+                               args.backbone_weights, progress=not args.no_progress, **options)
     fit_s = time.perf_counter() - t0
     state["config"] = cfg
     state["category"] = category
@@ -169,9 +203,26 @@ def train_category(args, category):
         result = evaluate_category(args, category, detector)
         state["calibration"] = result["calibration"]
     result = result or {"category": category}
+    result["config"] = cfg
     result["timing"] = {"fit_s": fit_s, "train_images": len(fit_samples), "peak_rss_mb": peak_rss_mb()}
     save_model(model_path_for(args, category), state)
     return result
+
+
+def distill_teacher(args):
+    """train.py --method efficientad --distill: write the teacher PDN (once, for every category)."""
+    if args.method != "efficientad":
+        raise UserError("--distill is for --method efficientad")
+    if not args.distill_data:
+        raise UserError("--distill needs --distill_data DIR [DIR ...] (any folders of natural images)")
+    from models.efficientad import distill_teacher as distill
+    set_seed(args.seed)
+    out = args.teacher_weights or os.path.join(args.save_path, f"teacher_{args.model_size}.pdparams")
+    info = distill(out, args.model_size, args.arch, args.backbone_weights, args.distill_data, args.train_steps,
+                   args.seed, engine_kwargs(args), progress=not args.no_progress, resume=args.resume,
+                   checkpoint_every=args.checkpoint_every, minutes=args.train_minutes)
+    print(f"teacher: {out}  ({info['steps']} steps, {info['seconds'] / 60:.1f} min, loss {fmt(info['loss'])})")
+    return 0
 
 
 def normal_calibration(scores, maps, count):
@@ -192,7 +243,7 @@ def evaluate_category(args, category, detector):
     maps = np.empty((n, size, size), np.float32)
     masks = np.empty((n, size, size), np.uint8)
     scores = np.empty(n, np.float32)
-    rgbs = np.empty((n, size, size, 3), np.uint8) if args.save_pic else None
+    rgbs = np.empty((n, size, size, 3), np.uint8) if args.save_pic or getattr(args, "report", False) else None
     labels = np.array([s.label for s in samples])
     pos = 0
     t0 = time.perf_counter()
@@ -211,10 +262,13 @@ def evaluate_category(args, category, detector):
     result = {"category": category, "test_images": n, "ms_per_image": 1000 * test_s / n}
     result["image_AUROC"] = metrics.auroc(labels, scores, args.non_partial_AUC)
     result["pixel_AUROC"] = metrics.auroc(masks, maps, args.non_partial_AUC)
-    result["PRO"] = None
+    result["PRO"] = pro_curve = None
     if args.eval_PRO:
         t1 = time.perf_counter()
-        result["PRO"] = metrics.pro_auc(masks, maps, non_partial=args.non_partial_AUC)
+        pro_curve = metrics.pro_curve(masks, maps)  # kept for the report's plot: computed once
+        if pro_curve is not None:
+            result["PRO"] = metrics.area_up_to(pro_curve[0], pro_curve[1], metrics.PRO_FPR_LIMIT,
+                                               args.non_partial_AUC)
         result["pro_s"] = time.perf_counter() - t1
     if labels.any() and not labels.all():
         calib = {"image_threshold": metrics.f1_optimal_threshold(labels, scores),
@@ -230,14 +284,15 @@ def evaluate_category(args, category, detector):
     result["predictions"] = [{"image_path": s.image_path, "defect_type": s.defect_type, "label": int(s.label),
                               "raw_score": float(v)} for s, v in zip(samples, scores)]
     # In-memory only (not written to metrics JSON): for reports built right after evaluation.
-    result["arrays"] = {"scores": scores, "maps": maps, "masks": masks, "labels": labels, "rgbs": rgbs}
+    result["arrays"] = {"scores": scores, "maps": maps, "masks": masks, "labels": labels, "rgbs": rgbs,
+                        "pro_curve": None if pro_curve is None else pro_curve[:2]}
     if args.save_pic:
         detector.calibration = calib
         out_dir = os.path.join(args.save_path, "pictures", category)
         for i, s in enumerate(tqdm(samples, desc=f"pictures {category}", unit="img", disable=args.no_progress, leave=False)):
             pred = detector.calibrated(scores[i:i + 1], maps[i:i + 1])[0]
             stem = os.path.splitext(os.path.basename(s.image_path))[0]
-            save_prediction_figure(os.path.join(out_dir, f"{s.defect_type}_{stem}.png"), rgbs[i],
+            visualize.save_prediction_figure(os.path.join(out_dir, f"{s.defect_type}_{stem}.png"), rgbs[i],
                                    pred["anomaly_map"], pred["pred_mask"], masks[i],
                                    title=f"{category}/{s.defect_type}/{stem}  score {pred['pred_score']:.3f}")
     return result
@@ -293,7 +348,19 @@ def write_category_metrics(save_path, result):
 
 def run_categories(args, work, title):
     """Run `work(args, category)` over the selected categories. A failing category is reported
-    and skipped; the finished ones keep their models and rows. Exit code 1 if any failed."""
+    and skipped; the finished ones keep their models and rows. Exit code 1 if any failed.
+    With --report, report.py takes each category as it finishes and swaps the report in at the end."""
+    if not getattr(args, "report", False):
+        return run_each_category(args, work, title)
+    import report  # lazily: report imports engine
+    with report.ReportBuilder(args.save_path, args.data_path, progress=not args.no_progress) as builder:
+        code = run_each_category(args, work, title, on_result=builder.add)
+        if builder.categories:
+            builder.finish()
+    return code
+
+
+def run_each_category(args, work, title, on_result=None):
     categories = resolve_categories(args.data_path, args.category)
     results, failed = [], []
     for category in categories:
@@ -311,6 +378,9 @@ def run_categories(args, work, title):
             print_reports(result)
         write_category_metrics(args.save_path, result)
         write_results(args.save_path, results)
+        if on_result:
+            on_result(result)
+        result.pop("arrays", None)  # only the report needs them; memory stays flat over categories
     if failed:
         if len(failed) == len(categories) and len(categories) == 1:
             raise UserError(f"{failed[0]} failed (see above)")
@@ -333,6 +403,10 @@ def load_detector(args, category):
 
 def eval_category(args, category):
     state, detector, path = load_detector(args, category)
+    keeps_stored = getattr(args, "report", False) and not args.update_thresholds
+    if keeps_stored and not state.get("calibration"):
+        raise UserError(f"{path} has no stored thresholds, which --report shows; evaluate with "
+                        f"--update_thresholds True (the default) or train with --eval or --calib_ratio > 0")
     # The model's own preprocessing, whatever flags were given.
     args.resize, args.crop_size = state["config"]["resize"], state["config"]["crop_size"]
     result = evaluate_category(args, category, detector)
@@ -340,6 +414,10 @@ def eval_category(args, category):
         state["calibration"] = result["calibration"]
         save_model(path, state)
         print(f"  stored F1-optimal thresholds in {path}")
+    elif keeps_stored:
+        import report  # lazily: report imports engine
+        report.apply_thresholds(result, state["calibration"])  # the report shows what predict.py outputs
+    result["config"] = state["config"]
     return result
 
 
@@ -353,52 +431,12 @@ def predict_images(args, paths):
         raise UserError(f"{model_path} has no calibrated thresholds; run eval.py on it first")
     cfg = state["config"]
     records = []
-    stems = output_stems(paths)
+    stems = visualize.output_stems(paths)
     for path in tqdm(paths, desc="predict", unit="img", disable=args.no_progress or len(paths) < 2, leave=False):
         chw, rgb = load_and_preprocess(path, cfg["resize"], cfg["crop_size"])
         pred = detector.predict(chw[None])[0]
-        records.append(write_prediction(args.output_dir, path, stems[path], rgb, pred, args.save_pic, args.overwrite))
+        records.append(visualize.write_prediction(args.output_dir, path, stems[path], rgb, pred, args.save_pic, args.overwrite))
     return records
-
-
-def output_stems(paths):
-    """File stem per input; inputs sharing a name (test/good/000.png, test/crack/000.png) get
-    their folder prefixed so that one never overwrites another."""
-    stems = {p: os.path.splitext(os.path.basename(p))[0] for p in paths}
-    counts = {}
-    for s in stems.values():
-        counts[s] = counts.get(s, 0) + 1
-    return {p: (f"{os.path.basename(os.path.dirname(os.path.abspath(p)))}_{s}" if counts[s] > 1 else s)
-            for p, s in stems.items()}
-
-
-def prediction_paths(out_dir, stem):
-    return {"anomaly_map": os.path.join(out_dir, f"{stem}_anomaly_map.npy"),
-            "pred_mask": os.path.join(out_dir, f"{stem}_pred_mask.png"),
-            "overlay": os.path.join(out_dir, f"{stem}_overlay.png")}
-
-
-def write_prediction(out_dir, image_path, stem, rgb, pred, save_pic, overwrite):
-    """Shared by predict.py and infer.py: same files, same JSON record."""
-    from utils import refuse_overwrite, save_npy_atomic
-    from visualize import save_mask_png
-    files = prediction_paths(out_dir, stem)
-    if not save_pic:
-        files.pop("overlay")
-    if os.path.abspath(image_path) in {os.path.abspath(p) for p in files.values()}:
-        raise UserError(f"output would overwrite the input image {image_path}")
-    refuse_overwrite(files.values(), overwrite)
-    save_npy_atomic(files["anomaly_map"], pred["anomaly_map"])
-    save_mask_png(files["pred_mask"], pred["pred_mask"])
-    if save_pic:
-        save_prediction_figure(files["overlay"], rgb, pred["anomaly_map"], pred["pred_mask"],
-                               title=f"{os.path.basename(image_path)}  score {pred['pred_score']:.3f}  "
-                                     f"{'anomalous' if pred['pred_label'] else 'normal'}")
-    record = {"image_path": image_path, "pred_score": round(pred["pred_score"], 6),
-              "pred_label": "anomalous" if pred["pred_label"] else "normal",
-              "raw_score": pred["raw_score"], **files}
-    print(json.dumps(record))
-    return record
 
 
 def parser_with(*adders, description=None):

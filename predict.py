@@ -8,23 +8,8 @@ Prints one JSON line per image (pred_score, pred_label, file paths) and writes t
 import os
 
 import engine
-from datasets.transforms import is_image_file
-from utils import UserError, run_cli
-
-
-def image_paths(inputs):
-    paths = []
-    for item in inputs:
-        if os.path.isdir(item):
-            found = sorted(os.path.join(item, f) for f in os.listdir(item) if is_image_file(f))
-            if not found:
-                raise UserError(f"no images in folder {item}")
-            paths.extend(found)
-        elif os.path.isfile(item):
-            paths.append(item)
-        else:
-            raise UserError(f"input not found: {item}")
-    return paths
+from datasets.transforms import list_input_images
+from utils import run_cli
 
 
 def main(argv=None):
@@ -35,7 +20,7 @@ def main(argv=None):
     parser.add_argument("--save_pic", type=engine.str2bool, default=False, help="also write an overlay figure")
     parser.add_argument("--overwrite", action="store_true", help="replace earlier outputs of the same images")
     args = engine.parse(parser, argv)
-    paths = image_paths(args.inputs)
+    paths = list_input_images(args.inputs)
     if args.output_dir is None:
         args.output_dir = os.path.join(args.save_path, "predictions", args.category or "")
     engine.predict_images(args, paths)

@@ -89,3 +89,19 @@ def denormalize(chw):
     """Inverse of the normalisation, for pictures."""
     rgb = chw.transpose(1, 2, 0) * IMAGENET_STD + IMAGENET_MEAN
     return (np.clip(rgb, 0, 1) * 255).astype(np.uint8)
+
+
+def list_input_images(inputs):
+    """Image files and the images inside folders, in order; a missing input is a clear error."""
+    paths = []
+    for item in inputs:
+        if os.path.isdir(item):
+            found = sorted(os.path.join(item, f) for f in os.listdir(item) if is_image_file(f))
+            if not found:
+                raise UserError(f"no images in folder {item}")
+            paths.extend(found)
+        elif os.path.isfile(item):
+            paths.append(item)
+        else:
+            raise UserError(f"input not found: {item}")
+    return paths

@@ -11,12 +11,13 @@ import pickle
 
 import numpy as np
 
+from models.efficientad import EfficientAD
 from models.padim import PROJECTIONS, PaDiM
 from models.patchcore import PatchCore
 from utils import UserError, atomic_path
 
 MODEL_FORMAT = "paddle-anomaly-model/1"
-METHODS = {**{name: PaDiM for name in PROJECTIONS}, "coreset": PatchCore}
+METHODS = {**{name: PaDiM for name in PROJECTIONS}, "coreset": PatchCore, "efficientad": EfficientAD}
 
 
 def build_method(config):
@@ -50,7 +51,10 @@ def load_model(path):
 def check_model_matches(state, config, path):
     """A model trained with other flags than the ones given is a clear error, not silent nonsense."""
     saved = state["config"]
-    for key in ("method", "arch", "k", "crop_size", "coreset_ratio", "model_size"):
+    # Preprocessing (resize, crop) always comes from the model itself, so it is not compared;
+    # each method names the flags that define it (k for PaDiM, the ratio for PatchCore, ...).
+    family = METHODS.get(saved.get("method"))
+    for key in ("method", "arch") + tuple(getattr(family, "MATCH_KEYS", ())):
         if key in config and config.get(key) is not None and key in saved and saved[key] != config[key]:
             raise UserError(f"{path} was trained with {key}={saved[key]}, not {config[key]}; "
                             f"pass matching flags or another --model_path")

@@ -155,9 +155,8 @@ def inference_config(model_file, params_file, use_gpu=False, enable_mkldnn=True,
             if precision == "fp16":
                 raise UserError("--precision fp16 is a GPU precision; on CPU use fp32 (or int8 with a quantised model)")
     config.switch_ir_optim(ir_optim)
-    if use_gpu or not enable_mkldnn:
-        # Paddle 3.2 fails to create a oneDNN predictor with memory_optim (pass_result_info.h:48).
-        config.enable_memory_optim()
+    # No enable_memory_optim(): Paddle 3.2 then fails to create a predictor for these PIR
+    # graphs (pass_result_info.h:48), with or without oneDNN.
     config.disable_glog_info()
     return config
 

@@ -25,8 +25,15 @@ from utils import UserError
 PROJECTIONS = ("sample", "h_sample", "ortho", "svd_ortho", "gaussian")
 LAYERS = ("layer1", "layer2", "layer3")
 EPSILON = 0.01        # covariance regulariser, as in PaDiM
-POSITION_CHUNK = 256  # positions per vectorised step: bounds temporaries to chunk*k*k floats
-ACCUMULATE_IMAGES = 32  # outer products over 32 images per matmul run ~2x faster than over 8
+POSITION_CHUNK = 256  # positions per vectorised step (at most; see position_chunk)
+INVERT_CHUNK = 32     # float64 temporaries of the inversion: 32*k*k*8 bytes per thread
+ACCUMULATE_IMAGES = 32  # outer products over 32 images per matmul run ~2x faster than over 8...
+ACCUMULATE_BYTES = 64 << 20  # ...but the feature buffer stays under 64 MB (WRN50 k=300: 17 images)
+
+
+def position_chunk(k):
+    """Positions per step so that a [chunk, k, k] float32 temporary stays near 16 MB."""
+    return int(max(16, min(POSITION_CHUNK, (4 << 20) // (k * k))))
 
 
 # ---------------------------------------------------------------- projections
@@ -69,10 +76,15 @@ class PaDiMFeatureNet(nn.Layer):
     def __init__(self, arch, kind=None, projection=None):
         super().__init__()
         self.backbone = ResNetFeatures(arch, LAYERS)
+        self.kind = None
+        if kind is not None:
+            self.set_projection(kind, projection)
+
+    def set_projection(self, kind, projection):
         self.kind = kind
         if kind == "index":
             self.register_buffer("projection", paddle.to_tensor(projection))
-        elif kind == "matrix":
+        else:
             self.register_buffer("projection", paddle.to_tensor(np.ascontiguousarray(projection.T)[:, :, None, None]))
 
     def forward(self, x):
@@ -89,7 +101,7 @@ _POOL = ThreadPoolExecutor(max_workers=os.cpu_count() or 1)
 _BLAS = ThreadpoolController()
 
 
-def over_positions(fn, n_positions, chunk=POSITION_CHUNK):
+def over_positions(fn, n_positions, chunk):
     """Run fn(lo) for every chunk of positions (or rows), one thread per core. Each matrix is
     small, so BLAS's own threading only adds overhead: it is held at one thread while chunks
     run in parallel (numpy and LAPACK release the GIL)."""
@@ -113,12 +125,14 @@ class GaussianAccumulator:
             self.total = np.zeros(self.shift.shape, np.float64)
             self.outer = np.zeros((x.shape[0], k, k), np.float32)
 
-        def accumulate(lo):
-            xc = x[lo:lo + POSITION_CHUNK] - self.shift[lo:lo + POSITION_CHUNK, None, :]
-            self.total[lo:lo + POSITION_CHUNK] += xc.sum(axis=1)
-            self.outer[lo:lo + POSITION_CHUNK] += np.matmul(xc.transpose(0, 2, 1), xc)
+        step = position_chunk(k)
 
-        over_positions(accumulate, x.shape[0])
+        def accumulate(lo):
+            xc = x[lo:lo + step] - self.shift[lo:lo + step, None, :]
+            self.total[lo:lo + step] += xc.sum(axis=1)
+            self.outer[lo:lo + step] += np.matmul(xc.transpose(0, 2, 1), xc)
+
+        over_positions(accumulate, x.shape[0], step)
         self.n += b
 
     def finalize(self, epsilon=EPSILON):
@@ -131,11 +145,14 @@ class GaussianAccumulator:
         eye = np.eye(self.outer.shape[1]) * epsilon
 
         def invert(lo):
-            mc = m[lo:lo + POSITION_CHUNK]
-            cov = (self.outer[lo:lo + POSITION_CHUNK].astype(np.float64) - n * mc[:, :, None] * mc[:, None, :]) / (n - 1)
-            self.outer[lo:lo + POSITION_CHUNK] = np.linalg.inv(cov + eye)
+            hi = lo + INVERT_CHUNK
+            cov = self.outer[lo:hi].astype(np.float64)
+            cov -= n * m[lo:hi, :, None] * m[lo:hi, None, :]
+            cov /= n - 1
+            cov += eye
+            self.outer[lo:hi] = np.linalg.inv(cov)
 
-        over_positions(invert, len(m))
+        over_positions(invert, len(m), chunk=INVERT_CHUNK)
         mean = (self.shift + m).astype(np.float32)
         precision, self.outer = self.outer, None
         return mean, precision
@@ -146,18 +163,21 @@ def mahalanobis(feats, mean, precision):
     b, k, h, w = feats.shape
     x = feats.reshape(b, k, h * w).transpose(2, 0, 1)  # [P, B, k]
     out = np.empty((h * w, b), np.float32)
+    step = position_chunk(k)
 
     def distance(lo):
-        d = x[lo:lo + POSITION_CHUNK] - mean[lo:lo + POSITION_CHUNK, None, :]
-        out[lo:lo + POSITION_CHUNK] = np.einsum("pbk,pbk->pb", np.matmul(d, precision[lo:lo + POSITION_CHUNK]), d)
+        d = x[lo:lo + step] - mean[lo:lo + step, None, :]
+        out[lo:lo + step] = np.einsum("pbk,pbk->pb", np.matmul(d, precision[lo:lo + step]), d)
 
-    over_positions(distance, h * w)
+    over_positions(distance, h * w, step)
     return np.sqrt(np.maximum(out, 0)).T.reshape(b, h, w)
 
 
 # ---------------------------------------------------------------- the method
 class PaDiM:
     """fit(train batches) -> state; feature_net(state) -> graph; score(outputs, stats) -> patch maps."""
+
+    MATCH_KEYS = ("k",)
 
     def __init__(self, config):
         self.config = config
@@ -177,24 +197,30 @@ class PaDiM:
         """`batches`: a callable returning a fresh iterator of image batches (svd_ortho reads twice)."""
         cfg = self.config
         shape = (3, cfg["crop_size"], cfg["crop_size"])
-        backbone_net = PaDiMFeatureNet(cfg["arch"])
-        backbone_net.backbone.load_pretrained(weights_path)
+        net = PaDiMFeatureNet(cfg["arch"])
+        net.backbone.load_pretrained(weights_path)
         gram = None
-        if cfg["method"] == "svd_ortho":
-            gram = _gram_matrix(make_engine(backbone_net, shape, **engine_kwargs), batches(), progress)
+        if cfg["method"] == "svd_ortho":  # a first pass over the full-channel features
+            gram = _gram_matrix(make_engine(net, shape, **engine_kwargs), batches(), progress)
         kind, projection = make_projection(cfg["method"], self._channels(), cfg["k"], cfg["seed"], gram)
-        net = PaDiMFeatureNet(cfg["arch"], kind, projection)
-        net.backbone.set_state_dict(backbone_net.backbone.state_dict())
+        net.set_projection(kind, projection)
         engine = make_engine(net, shape, **engine_kwargs)
         acc = GaussianAccumulator()
-        pending = []
+        buffer, filled = None, 0
         for images in tqdm(batches(), desc="fit", unit="batch", disable=not progress, leave=False):
-            pending.append(run_in_chunks(engine, images)[0])
-            if sum(len(p) for p in pending) >= ACCUMULATE_IMAGES:
-                acc.update(np.concatenate(pending))
-                pending = []
-        if pending:
-            acc.update(np.concatenate(pending))
+            for i in range(len(images)):
+                f = engine(images[i:i + 1])[0]
+                if buffer is None:
+                    per_image = f.nbytes
+                    buffer = np.empty((max(1, min(ACCUMULATE_IMAGES, ACCUMULATE_BYTES // per_image)),) + f.shape[1:],
+                                      np.float32)
+                buffer[filled] = f[0]
+                filled += 1
+                if filled == len(buffer):
+                    acc.update(buffer)
+                    filled = 0
+        if filled:
+            acc.update(buffer[:filled])
         mean, precision = acc.finalize()
         state = {"projection_kind": kind, "projection": projection,
                  "net": {k: v.numpy() for k, v in net.state_dict().items()},

@@ -253,6 +253,8 @@ class PatchCore:
     """fit(train batches) -> state; feature_net(state) -> graph; score -> patch maps;
     image_score -> the re-weighted image scores (the Detector's hook)."""
 
+    MATCH_KEYS = ("coreset_ratio",)
+
     def __init__(self, config):
         self.config = config
         ratio, neighbours = config.get("coreset_ratio", 0.01), config.get("num_neighbors", 9)

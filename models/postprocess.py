@@ -46,17 +46,19 @@ class Detector:
         self.blur_sigma = blur_sigma
 
     def raw(self, images, chunk=1):
-        """-> (image scores [B], maps [B,S,S]); image score = map maximum unless the method
-        supplies `image_score`. Batch 1 through the engine is the fastest on CPU, so larger
-        batches are fed in chunks."""
-        scores, maps = [], []
-        for i in range(0, len(images), chunk):
-            outputs = self.engine(images[i:i + chunk])
-            patch_scores = self.score(outputs, self.stats)
-            maps.append(anomaly_maps(patch_scores, self.crop_size, self.blur_sigma))
-            scores.append(maps[-1].reshape(len(maps[-1]), -1).max(axis=1) if self.image_score is None
-                          else self.image_score(outputs, patch_scores, self.stats))
-        return np.concatenate(scores), np.concatenate(maps)
+        """-> (image scores [B], maps [B,S,S]). Batch 1 through the engine is the fastest on
+        CPU, so larger batches are fed in chunks."""
+        parts = [self.postprocess(self.engine(images[i:i + chunk])) for i in range(0, len(images), chunk)]
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+    def postprocess(self, outputs):
+        """Engine outputs -> (image scores [B], maps [B,S,S]); image score = map maximum
+        unless the method supplies `image_score`."""
+        patch_scores = self.score(outputs, self.stats)
+        maps = anomaly_maps(patch_scores, self.crop_size, self.blur_sigma)
+        if self.image_score is not None:
+            return self.image_score(outputs, patch_scores, self.stats), maps
+        return maps.reshape(len(maps), -1).max(axis=1), maps
 
     def predict(self, images):
         """Uniform output per image: pred_score, pred_label, anomaly_map, pred_mask (calibrated)."""

@@ -69,3 +69,17 @@ def synthetic_root(tmp_path):
     root = tmp_path / "data"
     make_synthetic_category(str(root))
     return str(root)
+
+
+R18 = ["--arch", "resnet18", "--method", "ortho", "--k", "100"]
+
+
+@pytest.fixture(scope="session")
+def bottle_run(mvtec_lite, r18_weights, tmp_path_factory):
+    """One real fit + evaluation on MVTec bottle, shared by the tests that need a trained model."""
+    save = str(tmp_path_factory.mktemp("bottle_run") / "ortho_r18")
+    import train
+    code = train.main(["--data_path", mvtec_lite, "--category", "bottle", *R18, "--backbone_weights", r18_weights,
+                       "--eval_PRO", "--save_path", save, "--no_progress"])
+    assert code == 0
+    return save

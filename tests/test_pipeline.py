@@ -13,25 +13,14 @@ from PIL import Image
 import eval as eval_script
 import predict as predict_script
 import train as train_script
-from conftest import ROOT, make_synthetic_category
+from conftest import R18, ROOT, make_synthetic_category
 from models import load_model
 
-R18 = ["--arch", "resnet18", "--method", "ortho", "--k", "100"]
 
 
 def read_results(path):
     with open(os.path.join(path, "results.csv")) as f:
         return list(csv.DictReader(f))
-
-
-@pytest.fixture(scope="session")
-def bottle_run(mvtec_lite, r18_weights, tmp_path_factory):
-    """One real fit + evaluation on MVTec bottle, shared by the tests that need a trained model."""
-    save = str(tmp_path_factory.mktemp("bottle_run") / "ortho_r18")
-    code = train_script.main(["--data_path", mvtec_lite, "--category", "bottle", *R18, "--backbone_weights",
-                              r18_weights, "--eval_PRO", "--save_path", save, "--no_progress"])
-    assert code == 0
-    return save
 
 
 def test_bottle_accuracy(bottle_run):

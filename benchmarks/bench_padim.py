@@ -1,0 +1,118 @@
+"""PaDiM/OrthoAD figures: fit time vs the bare backbone forward, peak RSS of a WRN50 k=300 fit,
+PRO time per category. Prints figures measured in one run; asserts nothing.
+
+    python benchmarks/bench_padim.py [--skip_wrn]
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+from common import DATA, ROOT, WEIGHTS, bare_backbone, load_images, require_shared
+
+import metrics  # noqa: E402
+from datasets import train_samples, test_samples  # noqa: E402
+from models.backbone import make_engine  # noqa: E402
+from models.padim import PaDiM, run_in_chunks  # noqa: E402
+
+# Random WRN50-2 weights (the memory figure does not depend on their values), written by one
+# process so that the measured process holds only what fitting needs.
+WRN_WEIGHTS = r"""
+import paddle
+paddle.seed(0)
+paddle.save(paddle.vision.models.wide_resnet50_2().state_dict(), {weights!r})
+"""
+WRN_CHILD = r"""
+import sys, json, numpy as np
+sys.path.insert(0, {root!r})
+from utils import peak_rss_mb
+from models.padim import PaDiM
+path = {weights!r}
+cfg = dict(method="ortho", arch="wide_resnet50_2", k=300, seed=521, resize=256, crop_size=224)
+rng = np.random.RandomState(0)
+images = rng.randn({n}, 3, 224, 224).astype(np.float32)
+batches = lambda: (images[i:i + 8] for i in range(0, len(images), 8))
+before = peak_rss_mb()
+state, _ = PaDiM(cfg).fit(batches, dict(engine="inference", cpu_threads=2), path, progress=False)
+print(json.dumps(dict(peak_rss_mb=peak_rss_mb(), before_fit_mb=before,
+                      precision_mb=state["stats"]["precision"].nbytes / 2**20)))
+"""
+
+
+def bench_fit():
+    samples = train_samples(DATA, "bottle")
+    images = load_images(samples)
+    floor = make_engine(bare_backbone(), (3, 224, 224), cpu_threads=2)
+    bare_s = time_all(lambda: run_in_chunks(floor, images))
+    cfg = dict(method="ortho", arch="resnet18", k=100, seed=521, resize=256, crop_size=224)
+    from engine import image_batches
+    args = argparse.Namespace(batch_size=8, resize=256, crop_size=224, num_workers=2)
+    t0 = time.perf_counter()
+    state, engine = PaDiM(cfg).fit(image_batches(samples, args), dict(engine="inference", cpu_threads=2), WEIGHTS,
+                                   progress=False)
+    fit_s = time.perf_counter() - t0
+    print(f"fit R18 ortho k=100 on bottle ({len(samples)} images, 224^2, 2 threads): {fit_s:.2f} s "
+          f"(image loading, engine build, forward, statistics, inversion)")
+    print(f"bare R18 layer1-3 forward over the same images (preloaded, Paddle Inference + oneDNN): "
+          f"{bare_s:.2f} s = {1000 * bare_s / len(samples):.1f} ms/img")
+    print(f"fit / bare forward: {fit_s / bare_s:.2f}x   (target <= 1.3x; anomalib PaDiM-R18 fit here: 20 s)")
+    return state, engine
+
+
+def time_all(fn):
+    fn()  # warm-up (oneDNN primitive creation)
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def bench_pro(state, engine):
+    from models.postprocess import Detector
+    detector = Detector(engine, PaDiM.score, state["stats"], 224)
+    samples = test_samples(DATA, "bottle")
+    from datasets import iterate_batches
+    maps, masks = [], []
+    for _, images, _, mask in iterate_batches(samples, 8, 256, 224, with_mask=True):
+        maps.append(detector.raw(images)[1])
+        masks.append(mask)
+    maps, masks = np.concatenate(maps), np.concatenate(masks)
+    t0 = time.perf_counter()
+    pro = metrics.pro_auc(masks, maps)
+    print(f"PRO on bottle ({len(samples)} test images, exact, {maps.size / 1e6:.1f} M pixels): "
+          f"{time.perf_counter() - t0:.2f} s  (PRO = {pro:.4f}; target <= 2 s)")
+
+
+def bench_wrn_memory(n_images):
+    with tempfile.TemporaryDirectory() as tmp:
+        weights = os.path.join(tmp, "wrn.pdparams")
+        subprocess.run([sys.executable, "-c", WRN_WEIGHTS.format(weights=weights)], check=True, capture_output=True)
+        code = WRN_CHILD.format(root=ROOT, weights=weights, n=n_images)
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if proc.returncode:
+        print(proc.stderr[-2000:])
+        return
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    print(f"peak RSS, fit WRN50-2 ortho k=300 at 224 ({n_images} images, random weights): {r['peak_rss_mb']:.0f} MB "
+          f"(precision alone {r['precision_mb']:.0f} MB; process before fit {r['before_fit_mb']:.0f} MB; "
+          f"target <= 2048 MB; anomalib PaDiM-R18 peak here: 1.9 GB)")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--skip_wrn", action="store_true", help="skip the WRN50 memory figure")
+    parser.add_argument("--wrn_images", type=int, default=32)
+    args = parser.parse_args()
+    require_shared()
+    state, engine = bench_fit()
+    bench_pro(state, engine)
+    if not args.skip_wrn:
+        bench_wrn_memory(args.wrn_images)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,32 @@
+"""Export a trained model for deployment: static feature graph + one stats file (+ ONNX).
+
+    python export_model.py --method ortho --arch resnet18 --k 100 \
+        --model_path output/ortho_resnet18_k100/bottle.pdparams --save_dir inference/bottle
+"""
+import os
+
+import engine
+from deploy import export_model
+from utils import UserError, run_cli
+
+
+def main(argv=None):
+    parser = engine.parser_with(engine.add_model_args, description=__doc__)
+    parser.add_argument("--category", default=None, help="with --save_path: exports <save_path>/<category>.pdparams")
+    parser.add_argument("--save_dir", default=None, help="output folder (default inference/<category>)")
+    parser.add_argument("--onnx", action="store_true", help="also write model.onnx with paddle2onnx")
+    args = engine.parse(parser, argv)
+    if not args.model_path and not args.category:
+        raise UserError("give --model_path <category>.pdparams, or --category with --save_path")
+    model_path = engine.model_path_for(args, args.category) if args.category else args.model_path
+    if not model_path.endswith(".pdparams"):
+        raise UserError(f"--model_path must be a <category>.pdparams file, got {model_path}")
+    save_dir = args.save_dir or os.path.join("inference", args.category or os.path.basename(model_path)[:-9])
+    files = export_model(model_path, save_dir, onnx=args.onnx, expect=engine.method_config(args))
+    for f in files:
+        print(f"wrote {f}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

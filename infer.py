@@ -1,0 +1,91 @@
+"""Deployment inference with Paddle Inference (or ONNX Runtime) on an exported model.
+
+    python infer.py --model_dir inference/bottle --input_file IMAGE_OR_FOLDER \
+        --enable_mkldnn True --cpu_threads 2 --enable_benchmark True --save_path output/infer
+
+Prints a JSON line per image (pred_score, pred_label, output files), writes the anomaly map,
+predicted mask (and overlay with --save_pic), and with --enable_benchmark an AutoLog-style report.
+"""
+import argparse
+import json
+import os
+
+import numpy as np
+
+import visualize
+from datasets.transforms import list_input_images, load_and_preprocess
+from deploy import StageTimer, benchmark_report, format_report, load_deployed, now, resolve_files
+from utils import UserError, append_line, run_cli, str2bool, write_text_atomic
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model_dir", default=None, help="folder written by export_model.py")
+    p.add_argument("--model_file", default=None, help="model.json / model.pdmodel (instead of --model_dir)")
+    p.add_argument("--params_file", default=None, help="model.pdiparams (instead of --model_dir)")
+    p.add_argument("--stats", default=None, help="stats.npz (instead of --model_dir)")
+    p.add_argument("--category", default=None, help="with --model_dir: use <model_dir>/<category> if it exists")
+    p.add_argument("--input_file", required=True, nargs="+", help="image files or folders")
+    p.add_argument("--batch_size", type=int, default=1)
+    p.add_argument("--backend", default="paddle", choices=["paddle", "onnxruntime"])
+    p.add_argument("--use_gpu", type=str2bool, default=False)
+    p.add_argument("--use_tensorrt", type=str2bool, default=False)
+    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8"])
+    p.add_argument("--enable_mkldnn", type=str2bool, default=True)
+    p.add_argument("--cpu_threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--ir_optim", type=str2bool, default=True)
+    p.add_argument("--enable_benchmark", type=str2bool, default=False)
+    p.add_argument("--warmup", type=int, default=1, help="batches left out of the benchmark means")
+    p.add_argument("--save_path", default="output/infer", help="output folder")
+    p.add_argument("--save_log_path", default=None, help="benchmark log (default <save_path>/benchmark.log)")
+    p.add_argument("--save_pic", type=str2bool, default=False, help="also write overlay figures")
+    p.add_argument("--overwrite", action="store_true", help="replace earlier outputs of the same images")
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if args.batch_size < 1:
+        raise UserError("--batch_size must be at least 1")
+    model_dir = args.model_dir
+    if model_dir and args.category and os.path.isdir(os.path.join(model_dir, args.category)):
+        model_dir = os.path.join(model_dir, args.category)
+    files = resolve_files(model_dir, args.model_file, args.params_file, args.stats)
+    config = dict(use_gpu=args.use_gpu, enable_mkldnn=args.enable_mkldnn, cpu_threads=args.cpu_threads,
+                  ir_optim=args.ir_optim, precision=args.precision, use_tensorrt=args.use_tensorrt)
+    detector, meta = load_deployed(*files, backend=args.backend, **config)
+    cfg = meta["config"]
+    paths = list_input_images(args.input_file)
+    stems = visualize.output_stems(paths)
+    timer = StageTimer(warmup=args.warmup)
+    records = []
+    for lo in range(0, len(paths), args.batch_size):
+        batch = paths[lo:lo + args.batch_size]
+        t0 = now()
+        loaded = [load_and_preprocess(p, cfg["resize"], cfg["crop_size"]) for p in batch]
+        images = np.stack([chw for chw, _ in loaded])
+        t1 = now()
+        outputs = detector.engine(images)
+        t2 = now()
+        scores, maps = detector.postprocess(outputs)
+        preds = detector.calibrated(scores, maps)
+        t3 = now()
+        for stage, seconds in (("preprocess", t1 - t0), ("inference", t2 - t1), ("postprocess", t3 - t2)):
+            timer.add(stage, seconds, len(batch))
+        for path, (_, rgb), pred in zip(batch, loaded, preds):
+            records.append(visualize.write_prediction(args.save_path, path, stems[path], rgb, pred,
+                                                      args.save_pic, args.overwrite))
+    write_text_atomic(os.path.join(args.save_path, "infer_results.jsonl"),
+                      "".join(json.dumps(r) + "\n" for r in records))
+    if args.enable_benchmark:
+        report = benchmark_report(timer, model_name=f"{cfg['method']}_{cfg['arch']}", batch_size=args.batch_size,
+                                  input_shape=meta["input_shape"], data_count=len(paths), use_gpu=args.use_gpu,
+                                  ir_optim=args.ir_optim, enable_mkldnn=args.enable_mkldnn,
+                                  cpu_threads=args.cpu_threads, precision=args.precision, backend=args.backend)
+        print(format_report(report))
+        append_line(args.save_log_path or os.path.join(args.save_path, "benchmark.log"), json.dumps(report))
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
