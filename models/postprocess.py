@@ -5,9 +5,19 @@ Keeping this in one module is what makes predict.py and infer.py agree number fo
 """
 import cv2
 import numpy as np
-from scipy.ndimage import gaussian_filter
 
 BLUR_SIGMA = 4.0
+BLUR_TRUNCATE = 4.0  # kernel radius in sigmas, as scipy.ndimage.gaussian_filter
+
+
+def gaussian_blur(image, sigma=BLUR_SIGMA):
+    """scipy.ndimage.gaussian_filter(image, sigma) (mode 'reflect', truncate 4) computed with
+    OpenCV's separable filter: the same kernel and border rule, ~5x faster on a 224^2 map."""
+    radius = int(BLUR_TRUNCATE * sigma + 0.5)
+    x = np.arange(-radius, radius + 1, dtype=np.float64)
+    kernel = np.exp(-0.5 * (x / sigma) ** 2)
+    kernel = (kernel / kernel.sum()).astype(np.float32)
+    return cv2.sepFilter2D(image, -1, kernel, kernel, borderType=cv2.BORDER_REFLECT)
 
 
 def anomaly_maps(patch_scores, out_size, sigma=BLUR_SIGMA):
@@ -16,7 +26,7 @@ def anomaly_maps(patch_scores, out_size, sigma=BLUR_SIGMA):
     maps = np.empty((len(patch_scores), out_size, out_size), np.float32)
     for i, p in enumerate(patch_scores):
         up = cv2.resize(np.ascontiguousarray(p, np.float32), (out_size, out_size), interpolation=cv2.INTER_LINEAR)
-        maps[i] = gaussian_filter(up, sigma=sigma) if sigma else up
+        maps[i] = gaussian_blur(up, sigma) if sigma else up
     return maps
 
 

@@ -52,3 +52,18 @@ def test_projections():
     np.testing.assert_allclose(np.abs(v.T @ u), np.eye(3), atol=1e-6)
     with pytest.raises(UserError):
         make_projection("ortho", chans, 449, 0)
+
+
+def test_blur_equals_scipy_gaussian_filter():
+    from scipy.ndimage import gaussian_filter
+
+    from models.postprocess import anomaly_maps, gaussian_blur
+    rng = np.random.RandomState(0)
+    image = rng.rand(224, 224).astype(np.float32)
+    np.testing.assert_allclose(gaussian_blur(image, 4.0), gaussian_filter(image, 4.0), atol=1e-6)
+    patch = rng.rand(2, 7, 7).astype(np.float32)
+    maps = anomaly_maps(patch, 28, sigma=4.0)
+    assert maps.shape == (2, 28, 28)
+    import cv2
+    up = cv2.resize(patch[1], (28, 28), interpolation=cv2.INTER_LINEAR)
+    np.testing.assert_allclose(maps[1], gaussian_filter(up, 4.0), atol=1e-6)

@@ -1,0 +1,70 @@
+"""Deployment latency: infer.py (Paddle Inference + oneDNN, batch 1) per image, split into
+preprocess / inference / postprocess, beside the bare R18 layer1-3 forward under the same
+config and beside eager predict.py, measured in one run. Prints figures; asserts nothing.
+
+    python benchmarks/bench_infer.py [--methods ortho,coreset] [--threads 2] [--images 40]
+"""
+import argparse
+import json
+import os
+import tempfile
+
+from common import DATA, WEIGHTS, bare_backbone, load_images, require_shared, time_per_image
+
+import engine  # noqa: E402
+import export_model  # noqa: E402
+import infer  # noqa: E402
+import train  # noqa: E402
+from datasets import test_samples  # noqa: E402
+from models.backbone import make_engine  # noqa: E402
+
+METHOD_FLAGS = {
+    "ortho": ["--method", "ortho", "--k", "100"],
+    "sample": ["--method", "sample", "--k", "100"],
+    "coreset": ["--method", "coreset", "--coreset_ratio", "0.01"],
+    "efficientad": ["--method", "efficientad", "--lite"],
+}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--methods", default="ortho", help=f"comma list of {', '.join(METHOD_FLAGS)}")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--images", type=int, default=40, help="bottle test images timed")
+    args = parser.parse_args()
+    require_shared()
+    samples = test_samples(DATA, "bottle")[: args.images]
+    paths = [s.image_path for s in samples]
+    images = load_images(samples)
+    floor = make_engine(bare_backbone(), (3, 224, 224), cpu_threads=args.threads, enable_mkldnn=True)
+    bare_ms = 1000 * time_per_image(floor, images)
+    print(f"bare R18 layer1-3 forward, Paddle Inference + oneDNN, {args.threads} threads, batch 1: {bare_ms:.1f} ms/img")
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.methods.split(","):
+            flags = ["--arch", "resnet18", *METHOD_FLAGS[name]]
+            run = os.path.join(tmp, name)
+            train.main(["--data_path", DATA, "--category", "bottle", *flags, "--backbone_weights", WEIGHTS,
+                        "--save_path", run, "--no_progress", "--cpu_threads", str(args.threads)])
+            deployed = os.path.join(run, "inference")
+            export_model.main([*flags, "--model_path", os.path.join(run, "bottle.pdparams"), "--save_dir", deployed])
+            log = os.path.join(run, "bench.log")
+            infer.main(["--model_dir", deployed, "--input_file", *paths, "--cpu_threads", str(args.threads),
+                        "--enable_mkldnn", "True", "--enable_benchmark", "True", "--warmup", "2",
+                        "--save_path", os.path.join(run, "infer"), "--save_log_path", log])
+            report = json.loads(open(log).read().splitlines()[-1])
+            eager_args = engine.parse(engine.parser_with(engine.add_model_args, engine.add_runtime_args),
+                                      [*flags, "--model_path", run, "--engine", "eager"])
+            _, eager, _ = engine.load_detector(eager_args, "bottle")
+            eager_ms = 1000 * time_per_image(eager.raw, images[:10])
+            total = report["total_time_ms"]
+            print(f"\n[{name}] infer.py per image: preprocess {report['preprocess_time_ms']:.1f} + inference "
+                  f"{report['inference_time_ms']:.1f} + postprocess {report['postprocess_time_ms']:.1f} = {total:.1f} ms")
+            print(f"[{name}] infer.py / bare forward: {total / bare_ms:.2f}x (inference only: "
+                  f"{report['inference_time_ms'] / bare_ms:.2f}x); target for ortho k=100: <= 1.15x")
+            print(f"[{name}] eager predict (network + post-processing, no image loading): {eager_ms:.1f} ms/img = "
+                  f"{eager_ms / total:.1f}x infer.py;  anomalib here: PaDiM 58 ms/img, PatchCore 138 ms/img")
+            print(f"[{name}] cpu_rss {report['cpu_rss_mb']} MB")
+
+
+if __name__ == "__main__":
+    main()
