@@ -1,21 +1,23 @@
 """Fit an anomaly detector per category on good images; optionally evaluate it.
 
     python train.py --data_path demo_data --category all --method ortho --arch resnet18 --k 100 \
-        --backbone_weights weights.pdparams --eval --eval_PRO
+        --backbone_weights weights.pdparams --eval --eval_PRO [--report]
 """
 import engine
+import report
 from utils import run_cli
 
 
 def main(argv=None):
     parser = engine.parser_with(engine.add_model_args, engine.add_data_args, engine.add_runtime_args,
-                                engine.add_eval_args, description=__doc__)
+                                engine.add_eval_args, report.add_report_args, description=__doc__)
     parser.add_argument("--backbone_weights", default=None,
                         help="local ImageNet .pdparams for the backbone (default: download the official ones)")
     parser.add_argument("--eval", action="store_true", help="evaluate on the test set after fitting")
     parser.add_argument("--calib_ratio", type=float, default=0.1,
                         help="without --eval: share of train/good held out to calibrate thresholds")
     args = engine.parse(parser, argv)
+    args.eval_PRO = args.eval_PRO or args.report
     args.eval = args.eval or args.eval_PRO or args.save_pic
     return engine.run_categories(args, engine.train_category, "train")
 
