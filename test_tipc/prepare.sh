@@ -15,7 +15,7 @@
 #   present, else the official Paddle ImageNet weights when online, else random (warned: the chain
 #   runs, the scores mean nothing)
 # EfficientAD: test_tipc/data/weights/efficientad_teacher_small.pdparams: TIPC_TEACHER_WEIGHTS, else
-#   distilled here from the backbone (a few steps in lite modes, the paper's steps in whole modes)
+#   (lite modes only) distilled here from the backbone in a few steps
 # whole_infer: the config's train_model, fitted here on the full data when it is missing
 
 FILENAME=$1
@@ -170,17 +170,21 @@ fi
 echo "prepare.sh: backbone weights ${DATA_DIR}/weights/${R18_FILE}"
 
 # ---------------------------------------------------------------- EfficientAD teacher
-if [ "${model_name}" = "EfficientAD" ]; then
+# (whole_infer with a trained model in place needs none: export and inference use the model alone)
+if [ "${model_name}" = "EfficientAD" ] && ! { [ "${MODE}" = "whole_infer" ] && [ -f "${train_model}" ]; }; then
+    rm -f "${TEACHER}" "${TEACHER}.ckpt"
     if [ -n "${TIPC_TEACHER_WEIGHTS}" ]; then
         cp "${TIPC_TEACHER_WEIGHTS}" "${TEACHER}" || die "cannot copy TIPC_TEACHER_WEIGHTS=${TIPC_TEACHER_WEIGHTS}"
-    elif [ ! -f "${TEACHER}" ]; then
-        # The teacher is EfficientAD's pretrained part. The lite one only has to exist for the
-        # chain to run; a real one takes the paper's 60000 steps (whole modes).
-        steps=""
-        [[ "${MODE}" = lite_* ]] && steps="--train_steps ${LITE_DISTILL_STEPS}"
+    elif [[ "${MODE}" = lite_* ]]; then
+        # The teacher is EfficientAD's pretrained part. For the lite chain it only has to exist:
+        # a few distillation steps on the lite images, redone on every run so that it never
+        # stands in for a real teacher in a whole mode.
         ${python} train.py --method efficientad --distill --distill_data "${DATA_DIR}/mvtec/${CATEGORY}/train/good" \
-            --backbone_weights "${DATA_DIR}/weights/${R18_FILE}" --teacher_weights "${TEACHER}" ${steps} \
-            --save_path "${DATA_DIR}/weights" --no_progress || die "distilling the EfficientAD teacher failed"
+            --backbone_weights "${DATA_DIR}/weights/${R18_FILE}" --teacher_weights "${TEACHER}" \
+            --train_steps ${LITE_DISTILL_STEPS} --no_progress || die "distilling the lite EfficientAD teacher failed"
+        rm -f "${TEACHER}.ckpt"   # the distillation's resume point, not needed once it finished
+    else
+        die "${MODE} needs a distilled EfficientAD teacher: TIPC_TEACHER_WEIGHTS=PATH (written by train.py --method efficientad --distill --distill_data IMAGENET_DIR --backbone_weights ...)"
     fi
     echo "prepare.sh: EfficientAD teacher ${TEACHER}"
 fi
