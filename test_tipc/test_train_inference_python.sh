@@ -236,7 +236,7 @@ else
             for trainer in ${trainer_list[*]}; do
                 # The anomaly detectors have one way to train; pact/fpgm/distill stay null in the configs.
                 if [ "${trainer}" != "${trainer_norm}" ]; then
-                    echo "Unknown trainer ${trainer}: only ${trainer_norm} is defined" | tee -a "${status_log}"
+                    echo "Unknown trainer ${trainer} in ${FILENAME}: only ${trainer_norm} is defined" >&2
                     failed=$((failed + 1))
                     continue
                 fi
