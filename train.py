@@ -19,6 +19,8 @@ def main(argv=None):
     args = engine.parse(parser, argv)
     args.eval_PRO = args.eval_PRO or args.report
     args.eval = args.eval or args.eval_PRO or args.save_pic
+    if args.distill:
+        return engine.distill_teacher(args)
     return engine.run_categories(args, engine.train_category, "train")
 
 

@@ -22,6 +22,22 @@ warnings.filterwarnings("ignore", message="No ccache found")
 os.environ.setdefault("GLOG_minloglevel", "2")
 
 
+def _mkl_avx2_on_amd():
+    """Paddle's eager CPU kernels (conv, matmul: EfficientAD training) call MKL, which takes a
+    slow generic path on AMD CPUs; this undocumented switch (read at MKL's first call) selects
+    its AVX2 code, ~3x faster on the EPYC test machine. Intel CPUs are left alone."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = f.read(8192)
+    except OSError:
+        return
+    if "AuthenticAMD" in info and " avx2" in info:
+        os.environ.setdefault("MKL_DEBUG_CPU_TYPE", "5")
+
+
+_mkl_avx2_on_amd()
+
+
 class UserError(Exception):
     """Bad input or environment: reported as one line on stderr, no traceback."""
 
