@@ -143,6 +143,22 @@ def refuse_overwrite(paths, overwrite, hint="pass --overwrite to replace them"):
 
 
 # ---------------------------------------------------------------- tables
+def load_pdparams(path, what, missing=None, marker=None, wrong=None):
+    """paddle.load of a user-given file as numpy, every failure one UserError line: `missing`
+    (default "<what> not found: <path>"), unreadable, and, with `marker`, a dict whose "format"
+    differs (`wrong`, default "<path> is not <what>")."""
+    import paddle
+    if not os.path.isfile(path):
+        raise UserError(missing or f"{what} not found: {path}")
+    try:
+        state = paddle.load(path, return_numpy=True)
+    except Exception as err:  # paddle raises pickle, EOF, value and runtime errors for bad files
+        raise UserError(f"cannot read {what} {path}: {err}") from None
+    if marker is not None and (not isinstance(state, dict) or state.get("format") != marker):
+        raise UserError(wrong or f"{path} is not {what}")
+    return state
+
+
 def format_table(header, rows):
     cells = [[str(h) for h in header]] + [["" if c is None else str(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]

@@ -6,15 +6,13 @@
     patch_scores = method.score(outputs, state["stats"])              # pure numpy (deployment too)
     image_scores = method.image_score(outputs, patch_scores, state["stats"])  # optional; default: map max
 """
-import os
-import pickle
 
 import numpy as np
 
 from models.efficientad import EfficientAD
 from models.padim import PROJECTIONS, PaDiM
 from models.patchcore import PatchCore
-from utils import UserError, atomic_path
+from utils import UserError, atomic_path, load_pdparams
 
 MODEL_FORMAT = "paddle-anomaly-model/1"
 METHODS = {**{name: PaDiM for name in PROJECTIONS}, "coreset": PatchCore, "efficientad": EfficientAD}
@@ -36,15 +34,9 @@ def save_model(path, state):
 
 
 def load_model(path):
-    import paddle
-    if not os.path.isfile(path):
-        raise UserError(f"model file not found: {path} (train it first, or pass --model_path)")
-    try:
-        state = paddle.load(path, return_numpy=True)
-    except (pickle.UnpicklingError, EOFError, ValueError, OSError, RuntimeError) as err:
-        raise UserError(f"cannot read model file {path}: {err}") from None
-    if not isinstance(state, dict) or state.get("format") != MODEL_FORMAT:
-        raise UserError(f"{path} is not a model written by train.py (no '{MODEL_FORMAT}' marker)")
+    state = load_pdparams(path, "model file", missing=f"model file not found: {path} (train it first, or pass --model_path)",
+                          marker=MODEL_FORMAT,
+                          wrong=f"{path} is not a model written by train.py (no '{MODEL_FORMAT}' marker)")
     return state
 
 

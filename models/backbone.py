@@ -15,7 +15,7 @@ import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 
-from utils import UserError
+from utils import UserError, load_pdparams
 
 ARCHS = ("resnet18", "resnet50", "wide_resnet50_2")
 # Output channels of layer1..layer4 for each architecture.
@@ -51,12 +51,7 @@ def read_backbone_weights(arch, weights_path, layers):
     """-> the stem and `layers` entries of a full or partial state dict, checked against `arch`.
     Anything else in the file (layer4, fc) is ignored."""
     if weights_path:
-        if not os.path.isfile(weights_path):
-            raise UserError(f"backbone weights not found: {weights_path}")
-        try:
-            state = paddle.load(weights_path, return_numpy=True)
-        except Exception as err:
-            raise UserError(f"cannot read backbone weights {weights_path}: {err}") from None
+        state = load_pdparams(weights_path, "backbone weights")
         if not isinstance(state, dict):
             raise UserError(f"backbone weights {weights_path} are not a state dict")
     else:

@@ -26,7 +26,7 @@ from models.backbone import make_engine
 from models.padim import run_in_chunks
 from models.pdn import (IMAGE_SIZE, MAP_BORDER, MODEL_SIZES, OUT_CHANNELS, RECEPTIVE_FIELD, DistillationTarget,
                         EfficientADNet, pdn)
-from utils import UserError, atomic_path
+from utils import UserError, atomic_path, load_pdparams
 
 LR, WEIGHT_DECAY, LR_DROP_AT = 1e-4, 1e-5, 0.95
 HARD_QUANTILE = 0.999
@@ -141,14 +141,9 @@ class Trainer:
             paddle.save(state, tmp, protocol=4)
 
     def _load(self):
-        if not os.path.isfile(self.path):
-            raise UserError(f"--resume: no checkpoint at {self.path} (train without --resume first)")
-        try:
-            state = paddle.load(self.path, return_numpy=True)
-        except Exception as err:
-            raise UserError(f"cannot read checkpoint {self.path}: {err}") from None
-        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-            raise UserError(f"{self.path} is not an EfficientAD checkpoint")
+        state = load_pdparams(self.path, "checkpoint", marker=CHECKPOINT_FORMAT,
+                              missing=f"--resume: no checkpoint at {self.path} (train without --resume first)",
+                              wrong=f"{self.path} is not an EfficientAD checkpoint")
         for key, value in self.identity.items():
             if state["identity"].get(key) != value:
                 raise UserError(f"--resume: checkpoint {self.path} was written with {key}={state['identity'].get(key)}, "
@@ -187,14 +182,8 @@ def load_teacher(path, model_size):
     if not path:
         raise UserError("--method efficientad needs a distilled teacher: pass --teacher_weights PATH "
                         "(make one with train.py --method efficientad --distill --distill_data DIR)")
-    if not os.path.isfile(path):
-        raise UserError(f"teacher weights not found: {path}")
-    try:
-        teacher = paddle.load(path, return_numpy=True)
-    except Exception as err:
-        raise UserError(f"cannot read teacher weights {path}: {err}") from None
-    if not isinstance(teacher, dict) or teacher.get("format") != TEACHER_FORMAT:
-        raise UserError(f"{path} is not a teacher written by --distill (no '{TEACHER_FORMAT}' marker)")
+    teacher = load_pdparams(path, "teacher weights", marker=TEACHER_FORMAT,
+                            wrong=f"{path} is not a teacher written by --distill (no '{TEACHER_FORMAT}' marker)")
     if teacher["model_size"] != model_size:
         raise UserError(f"teacher {path} is a {teacher['model_size']} PDN; pass --model_size {teacher['model_size']}")
     return teacher
@@ -329,7 +318,7 @@ class EfficientAD:
         trainer = Trainer({"student": student, "autoencoder": autoencoder}, steps, checkpoint_path,
                           checkpoint_every, identity, train_minutes)
         info = trainer.run(step_loss, resume, progress, "train")
-        del raw
+        raw = None  # frees the teacher outputs before the validation pass
 
         net.eval()
         engine = make_engine(net, (3, IMAGE_SIZE, IMAGE_SIZE), **engine_kwargs)

@@ -5,6 +5,23 @@
 #   key:lite_train_lite_infer=1|whole_train_whole_infer=70000   a value per mode
 #   null:null / key:null                        nothing is passed
 
+# `bash test_tipc/SCRIPT CONFIG MODE`: checks the arguments (usage on stderr and exit 2 when
+# wrong), enters the repository root (config paths are relative to it) and sets FILENAME (the
+# config, absolute), MODE and lines (the config's lines: the format is positional, PaddleOCR's
+# train_infer_python.txt, so line N is always the same field).
+function func_tipc_setup(){
+    local script=$1
+    local modes="lite_train_lite_infer lite_train_whole_infer whole_infer whole_train_whole_infer"
+    if [ $# -ne 3 ] || [ ! -f "$2" ] || [[ " ${modes} " != *" $3 "* ]]; then
+        echo "usage: bash test_tipc/${script} CONFIG MODE  (MODE: ${modes// / | })" >&2
+        exit 2
+    fi
+    FILENAME=$(cd "$(dirname "$2")" && pwd)/$(basename "$2")
+    MODE=$3
+    cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2
+    mapfile -t lines < "${FILENAME}"
+}
+
 function func_parser_key(){
     strs=$1
     IFS=":"

@@ -18,18 +18,9 @@
 #   (lite modes only) distilled here from the backbone in a few steps
 # whole_infer: the config's train_model, fitted here on the full data when it is missing
 
-FILENAME=$1
-MODE=$2
-MODES="lite_train_lite_infer lite_train_whole_infer whole_infer whole_train_whole_infer"
-if [ $# -ne 2 ] || [ ! -f "${FILENAME}" ] || [[ " ${MODES} " != *" ${MODE} "* ]]; then
-    echo "usage: bash test_tipc/prepare.sh CONFIG MODE  (MODE: ${MODES// / | })" >&2
-    exit 2
-fi
-FILENAME=$(cd "$(dirname "${FILENAME}")" && pwd)/$(basename "${FILENAME}")
-cd "$(dirname "$0")/.." || exit 2
-source test_tipc/common_func.sh
+source "$(dirname "$0")/common_func.sh"
+func_tipc_setup prepare.sh "$@"
 
-mapfile -t lines < "${FILENAME}"
 model_name=$(func_parser_value "${lines[1]}")
 python=$(func_parser_value "${lines[2]}")
 epoch_key=$(func_parser_key "${lines[6]}")

@@ -9,20 +9,8 @@
 # Results: test_tipc/output/<model_name>/<MODE>/results_python.log (+ a log per command).
 # Exit code: 0 when every command ran successfully, 1 otherwise, 2 for bad arguments.
 
-FILENAME=$1
-MODE=$2
-MODES="lite_train_lite_infer lite_train_whole_infer whole_infer whole_train_whole_infer"
-if [ $# -ne 2 ] || [ ! -f "${FILENAME}" ] || [[ " ${MODES} " != *" ${MODE} "* ]]; then
-    echo "usage: bash test_tipc/test_train_inference_python.sh CONFIG MODE  (MODE: ${MODES// / | })" >&2
-    exit 2
-fi
-# Paths in the configs are relative to the repository root.
-FILENAME=$(cd "$(dirname "${FILENAME}")" && pwd)/$(basename "${FILENAME}")
-cd "$(dirname "$0")/.." || exit 2
-source test_tipc/common_func.sh
-
-# The config format is positional (PaddleOCR's train_infer_python.txt): line N is always the same field.
-mapfile -t lines < "${FILENAME}"
+source "$(dirname "$0")/common_func.sh"
+func_tipc_setup test_train_inference_python.sh "$@"
 
 # train params
 model_name=$(func_parser_value "${lines[1]}")
