@@ -175,9 +175,19 @@ def fmt(value, digits=4):
 
 
 def peak_rss_mb():
-    """Peak resident set size of this process in MB (Linux ru_maxrss is in KiB)."""
+    """Peak resident set size of this process in MB. Linux: VmHWM, the peak of this program's
+    memory; ru_maxrss would also count the process before its exec (a child started by a large
+    parent reports the parent's peak). Elsewhere ru_maxrss (KiB on Linux, bytes on macOS)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024.0
 
 
 def current_rss_mb():
