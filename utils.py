@@ -142,7 +142,6 @@ def refuse_overwrite(paths, overwrite, hint="pass --overwrite to replace them"):
         raise UserError(f"output already exists: {existing[0]}{more}; {hint}")
 
 
-# ---------------------------------------------------------------- tables
 def load_pdparams(path, what, missing=None, marker=None, wrong=None):
     """paddle.load of a user-given file as numpy, every failure one UserError line: `missing`
     (default "<what> not found: <path>"), unreadable, and, with `marker`, a dict whose "format"
@@ -159,6 +158,7 @@ def load_pdparams(path, what, missing=None, marker=None, wrong=None):
     return state
 
 
+# ---------------------------------------------------------------- tables
 def format_table(header, rows):
     cells = [[str(h) for h in header]] + [["" if c is None else str(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]

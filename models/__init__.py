@@ -34,10 +34,9 @@ def save_model(path, state):
 
 
 def load_model(path):
-    state = load_pdparams(path, "model file", missing=f"model file not found: {path} (train it first, or pass --model_path)",
-                          marker=MODEL_FORMAT,
-                          wrong=f"{path} is not a model written by train.py (no '{MODEL_FORMAT}' marker)")
-    return state
+    return load_pdparams(path, "model file", missing=f"model file not found: {path} (train it first, or pass --model_path)",
+                         marker=MODEL_FORMAT,
+                         wrong=f"{path} is not a model written by train.py (no '{MODEL_FORMAT}' marker)")
 
 
 def check_model_matches(state, config, path):

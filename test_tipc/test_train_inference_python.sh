@@ -114,6 +114,28 @@ function skip_gpu(){
     echo "Skipped on GPU - $1: this Paddle build is CPU-only or sees no GPU (paddle.device.is_compiled_with_cuda() / cuda.device_count())" | tee -a "${skip_log}"
 }
 
+# export_model.py SCRIPT_AND_ARGS of the model file WEIGHTS into SAVE_DIR, logged to LOG.
+function run_export(){
+    local set_export_weight=$(func_set_params "${export_weight}" "$2")
+    local set_save_infer_key=$(func_set_params "${save_infer_key}" "$3")
+    run_check "${python} $1 ${set_export_weight} ${set_save_infer_key} > $4 2>&1 " "$4"
+}
+
+# One inference command of func_inference (its locals and loop variables are in scope): the
+# settings every device shares, plus the device's own ($2), logged as $1.
+function run_infer(){
+    local _name=$1
+    local set_infer_data=$(func_set_params "${image_dir_key}" "${_img_dir}")
+    local set_benchmark=$(func_set_params "${benchmark_key}" "${benchmark_value}")
+    local set_batchsize=$(func_set_params "${batch_size_key}" "${batch_size}")
+    local set_precision=$(func_set_params "${precision_key}" "${precision}")
+    local set_model_dir=$(func_set_params "${infer_model_key}" "${_model_dir}")
+    local set_save_log=$(func_set_params "${save_log_key}" "${_log_path}/${_name}_benchmark.log")
+    local set_save_pred=$(func_set_params "${infer_save_key}" "${_log_path}/infer_output/${_name}")
+    local command="${_python} ${_script} ${use_gpu_key}=${use_gpu} $2 ${set_precision} ${set_model_dir} ${set_batchsize} ${set_infer_data} ${set_benchmark} ${set_save_log} ${set_save_pred} > ${_log_path}/${_name}.log 2>&1 "
+    run_check "${command}" "${_log_path}/${_name}.log"
+}
+
 function func_inference(){
     local _python=$1
     local _script=$2
@@ -133,17 +155,9 @@ function func_inference(){
                                 continue
                             fi
                             _name="python_infer_cpu_gpus_${_gpu}_usemkldnn_${use_mkldnn}_threads_${threads}_precision_${precision}_batchsize_${batch_size}"
-                            set_infer_data=$(func_set_params "${image_dir_key}" "${_img_dir}")
-                            set_benchmark=$(func_set_params "${benchmark_key}" "${benchmark_value}")
-                            set_batchsize=$(func_set_params "${batch_size_key}" "${batch_size}")
                             set_mkldnn=$(func_set_params "${use_mkldnn_key}" "${use_mkldnn}")
                             set_cpu_threads=$(func_set_params "${cpu_threads_key}" "${threads}")
-                            set_model_dir=$(func_set_params "${infer_model_key}" "${_model_dir}")
-                            set_precision=$(func_set_params "${precision_key}" "${precision}")
-                            set_save_log=$(func_set_params "${save_log_key}" "${_log_path}/${_name}_benchmark.log")
-                            set_save_pred=$(func_set_params "${infer_save_key}" "${_log_path}/infer_output/${_name}")
-                            command="${_python} ${_script} ${use_gpu_key}=${use_gpu} ${set_mkldnn} ${set_cpu_threads} ${set_model_dir} ${set_batchsize} ${set_infer_data} ${set_benchmark} ${set_precision} ${set_save_log} ${set_save_pred} > ${_log_path}/${_name}.log 2>&1 "
-                            run_check "${command}" "${_log_path}/${_name}.log"
+                            run_infer "${_name}" "${set_mkldnn} ${set_cpu_threads}"
                         done
                     done
                 done
@@ -161,16 +175,8 @@ function func_inference(){
                     fi
                     for batch_size in ${batch_size_list[*]}; do
                         _name="python_infer_gpu_gpus_${_gpu}_usetrt_${use_trt}_precision_${precision}_batchsize_${batch_size}"
-                        set_infer_data=$(func_set_params "${image_dir_key}" "${_img_dir}")
-                        set_benchmark=$(func_set_params "${benchmark_key}" "${benchmark_value}")
-                        set_batchsize=$(func_set_params "${batch_size_key}" "${batch_size}")
                         set_tensorrt=$(func_set_params "${use_trt_key}" "${use_trt}")
-                        set_precision=$(func_set_params "${precision_key}" "${precision}")
-                        set_model_dir=$(func_set_params "${infer_model_key}" "${_model_dir}")
-                        set_save_log=$(func_set_params "${save_log_key}" "${_log_path}/${_name}_benchmark.log")
-                        set_save_pred=$(func_set_params "${infer_save_key}" "${_log_path}/infer_output/${_name}")
-                        command="${_python} ${_script} ${use_gpu_key}=${use_gpu} ${set_tensorrt} ${set_precision} ${set_model_dir} ${set_batchsize} ${set_infer_data} ${set_benchmark} ${set_save_log} ${set_save_pred} > ${_log_path}/${_name}.log 2>&1 "
-                        run_check "${command}" "${_log_path}/${_name}.log"
+                        run_infer "${_name}" "${set_tensorrt}"
                     done
                 done
             done
@@ -189,11 +195,7 @@ if [ "${MODE}" = "whole_infer" ]; then
     for infer_model in ${infer_model_dir_list[*]}; do
         if [ "${infer_run_exports[Count]}" != "null" ]; then
             save_infer_dir="${LOG_PATH}/inference_${Count}"
-            set_export_weight=$(func_set_params "${export_weight}" "${infer_model}")
-            set_save_infer_key=$(func_set_params "${save_infer_key}" "${save_infer_dir}")
-            export_log_path="${LOG_PATH}/export_${Count}.log"
-            export_cmd="${python} ${infer_run_exports[Count]} ${set_export_weight} ${set_save_infer_key} > ${export_log_path} 2>&1 "
-            run_check "${export_cmd}" "${export_log_path}"
+            run_export "${infer_run_exports[Count]}" "${infer_model}" "${save_infer_dir}" "${LOG_PATH}/export_${Count}.log"
         else
             save_infer_dir=${infer_model}
         fi
@@ -252,11 +254,7 @@ else
 
                 if [ "${norm_export}" != "null" ]; then
                     save_infer_path="${save_log}/inference"
-                    set_export_weight=$(func_set_params "${export_weight}" "${save_log}/${train_model_name}")
-                    set_save_infer_key=$(func_set_params "${save_infer_key}" "${save_infer_path}")
-                    export_log_path="${save_log}_export.log"
-                    export_cmd="${python} ${norm_export} ${set_export_weight} ${set_save_infer_key} > ${export_log_path} 2>&1 "
-                    run_check "${export_cmd}" "${export_log_path}"
+                    run_export "${norm_export}" "${save_log}/${train_model_name}" "${save_infer_path}" "${save_log}_export.log"
 
                     if [ "${inference_dir}" != "null" ] && [ "${inference_dir}" != "##" ]; then
                         infer_model_dir="${save_infer_path}/${inference_dir}"
