@@ -124,7 +124,13 @@ def load_deployed(model_file, params_file, stats_path, backend="paddle", **confi
                         image_score=getattr(method, "image_score", None))
     probe = np.zeros((1, *meta["input_shape"]), np.float32)
     try:
-        detector.postprocess(engine(probe))
+        outputs = engine(probe)
+    except RuntimeError as err:
+        raise UserError(f"the model {model_file} does not run on the input shape {meta['input_shape']} that "
+                        f"{stats_path} records (stats exported from another model?): "
+                        f"{str(err).strip().splitlines()[-1]}") from None
+    try:
+        detector.postprocess(outputs)
     except (ValueError, IndexError) as err:
         raise UserError(f"stats {stats_path} do not fit the model {model_file} "
                         f"(exported from another model?): {err}") from None

@@ -8,10 +8,18 @@ deployed model outputs k channels and the statistics never see the full C.
 
 Fit streams: sums and outer products are accumulated batch by batch (shifted by the
 first batch's mean so float32 accumulators stay accurate); no training feature is kept.
+
+Scoring reads one precision matrix per position for every image: at batch 1 that read, not
+the arithmetic, is the cost. The precision is therefore stored as its upper triangle in
+16-bit fixed point with a per-position scale (`pack_precision`), a quarter of the float32
+matrices (R18 k=100: 31 MB instead of 125 MB, on disk too), and a compiled kernel
+(`mahalanobis`) reads it once per image. On bottle (R18 k=100) the distance agrees with the
+float64 formula to 1.2e-4 relative at worst, 6e-6 on average (float16 storage: 6e-4).
 """
 import os
 from concurrent.futures import ThreadPoolExecutor
 
+import numba
 import numpy as np
 import paddle
 import paddle.nn as nn
@@ -88,11 +96,21 @@ class PaDiMFeatureNet(nn.Layer):
             self.register_buffer("projection", paddle.to_tensor(np.ascontiguousarray(projection.T)[:, :, None, None]))
 
     def forward(self, x):
-        f = concat_to_first(self.backbone(x))
+        feats = self.backbone(x)
+        if self.kind == "matrix":
+            # A 1x1 projection commutes with nearest upsampling: project each layer at its own
+            # resolution and upsample k channels, instead of building the full C-channel
+            # concatenation at the first layer's resolution (~8% of the R18 forward).
+            size = feats[0].shape[-2:]
+            out, lo = None, 0
+            for f in feats:
+                part = F.conv2d(f, self.projection[:, lo:lo + f.shape[1]])
+                lo += f.shape[1]
+                out = part if out is None else out + F.interpolate(part, size=size, mode="nearest")
+            return out
+        f = concat_to_first(feats)
         if self.kind == "index":
             return paddle.index_select(f, self.projection, axis=1)
-        if self.kind == "matrix":
-            return F.conv2d(f, self.projection)
         return f
 
 
@@ -158,19 +176,68 @@ class GaussianAccumulator:
         return mean, precision
 
 
-def mahalanobis(feats, mean, precision):
-    """feats [B, k, H, W], mean [P, k], precision [P, k, k] -> distances [B, H, W] float32."""
+PACK_LEVELS = 32767  # int16 fixed point: the largest entry of each position maps to +-32767
+
+
+def pack_precision(precision):
+    """[P, k, k] symmetric -> (int16 [P, k(k+1)/2], float32 [P]): each row's upper triangle
+    (off-diagonal entries doubled, so the quadratic form needs only that half) in fixed point,
+    value = int16 * scale. Fixed point keeps the absolute error of the large entries, which
+    dominate the distance, 16x below float16's (bottle: 5x smaller distance error)."""
+    p, k = precision.shape[:2]
+    rows, cols = np.triu_indices(k)
+    weight = np.where(rows == cols, 1.0, 2.0)
+    packed = np.empty((p, len(rows)), np.int16)
+    scale = np.empty(p, np.float32)
+    for lo in range(0, p, INVERT_CHUNK):
+        tri = precision[lo:lo + INVERT_CHUNK][:, rows, cols].astype(np.float64) * weight
+        peak = np.maximum(np.abs(tri).max(axis=1), 1e-30)
+        packed[lo:lo + INVERT_CHUNK] = np.rint(tri * (PACK_LEVELS / peak[:, None]))
+        scale[lo:lo + INVERT_CHUNK] = peak / PACK_LEVELS
+    return packed, scale
+
+
+@numba.njit(nogil=True, fastmath=True, cache=True)
+def _packed_quadratic_forms(x, mean, packed, scale, out, lo, hi):
+    """out[n, p] = d^T P d with d = x[n, :, p] - mean[p], for positions lo..hi, P packed by
+    pack_precision. One pass over each position's triangle serves every image of the batch."""
+    b, k, _ = x.shape
+    d = np.empty(k, np.float32)
+    for p in range(lo, hi):
+        row = packed[p]
+        for n in range(b):
+            for i in range(k):
+                d[i] = x[n, i, p] - mean[p, i]
+            total = np.float32(0.0)
+            start = 0
+            for i in range(k):
+                width = k - i
+                tri = row[start:start + width]
+                tail = d[i:]
+                partial = np.float32(0.0)
+                for j in range(width):
+                    partial += np.float32(tri[j]) * tail[j]
+                total += d[i] * partial
+                start += width
+            out[n, p] = total * scale[p]
+
+
+def mahalanobis(feats, mean, packed, scale):
+    """feats [B, k, H, W], mean [P, k], (packed, scale) from pack_precision -> distances [B, H, W]."""
     b, k, h, w = feats.shape
-    x = feats.reshape(b, k, h * w).transpose(2, 0, 1)  # [P, B, k]
-    out = np.empty((h * w, b), np.float32)
-    step = position_chunk(k)
+    # The kernel does not bound-check: statistics of another model would be read past their end.
+    if mean.shape != (h * w, k) or packed.shape != (h * w, k * (k + 1) // 2) or scale.shape != (h * w,):
+        raise ValueError(f"features [{k} channels, {h}x{w}] do not match statistics with mean {list(mean.shape)} "
+                         f"and packed precision {list(packed.shape)}")
+    x = np.ascontiguousarray(feats, np.float32).reshape(b, k, h * w)
+    out = np.empty((b, h * w), np.float32)
+    step = -(-h * w // (4 * (os.cpu_count() or 1)))  # a few chunks per core balance the threads
 
     def distance(lo):
-        d = x[lo:lo + step] - mean[lo:lo + step, None, :]
-        out[lo:lo + step] = np.einsum("pbk,pbk->pb", np.matmul(d, precision[lo:lo + step]), d)
+        _packed_quadratic_forms(x, mean, packed, scale, out, lo, min(lo + step, h * w))
 
-    over_positions(distance, h * w, step)
-    return np.sqrt(np.maximum(out, 0)).T.reshape(b, h, w)
+    list(_POOL.map(distance, range(0, h * w, step)))
+    return np.sqrt(np.maximum(out, 0)).reshape(b, h, w)
 
 
 # ---------------------------------------------------------------- the method
@@ -222,14 +289,19 @@ class PaDiM:
         if filled:
             acc.update(buffer[:filled])
         mean, precision = acc.finalize()
+        packed, scale = pack_precision(precision)
+        del precision
         state = {"projection_kind": kind, "projection": projection,
                  "net": {k: v.numpy() for k, v in net.state_dict().items()},
-                 "stats": {"mean": mean, "precision": precision}}
+                 "stats": {"mean": mean, "precision_packed": packed, "precision_scale": scale}}
         return state, engine
 
     @staticmethod
     def score(outputs, stats):
-        return mahalanobis(outputs[0], stats["mean"], stats["precision"])
+        if "precision_packed" not in stats:
+            raise UserError("this PaDiM/OrthoAD model stores full precision matrices (written before the "
+                            "packed format); train it again")
+        return mahalanobis(outputs[0], stats["mean"], stats["precision_packed"], stats["precision_scale"])
 
 
 def run_in_chunks(engine, images, chunk=1):

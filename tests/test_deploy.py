@@ -134,6 +134,14 @@ def test_bad_deployment_inputs(exported, bottle_run, test_images, tmp_path, r18_
                        "64", "--backbone_weights", r18_weights, "--save_path", other, "--no_progress"]) == 0
     export_model.main(["--k", "8", "--model_path", os.path.join(other, "widget.pdparams"), "--save_dir", other + "_inf"])
     os.link(os.path.join(other + "_inf", "stats.npz"), partial / "stats.npz")
+    with pytest.raises(UserError, match="does not run on the input shape"):
+        infer.main(["--model_dir", str(partial), "--input_file", img, "--save_path", str(tmp_path / "o2")])
+    # Same input shape, other k: the graph runs, the statistics do not fit its output.
+    assert train.main(["--data_path", data, "--category", "widget", "--k", "8", "--backbone_weights", r18_weights,
+                       "--save_path", other + "224", "--no_progress"]) == 0
+    export_model.main(["--k", "8", "--model_path", os.path.join(other + "224", "widget.pdparams"),
+                       "--save_dir", other + "224_inf"])
+    os.replace(os.path.join(other + "224_inf", "stats.npz"), partial / "stats.npz")
     with pytest.raises(UserError, match="do not fit the model"):
         infer.main(["--model_dir", str(partial), "--input_file", img, "--save_path", str(tmp_path / "o2")])
     corrupt = tmp_path / "corrupt.png"

@@ -33,8 +33,8 @@ def test_bottle_accuracy(bottle_run):
     assert float(row["PRO"]) >= 0.90
     state = load_model(os.path.join(bottle_run, "bottle.pdparams"))
     assert state["stats"]["mean"].shape == (3136, 100)
-    assert state["stats"]["precision"].shape == (3136, 100, 100)
-    assert state["stats"]["precision"].dtype == np.float32
+    assert state["stats"]["precision_packed"].shape == (3136, 5050)  # upper triangle of 100 x 100
+    assert state["stats"]["precision_packed"].dtype == np.int16
     assert state["config"]["method"] == "ortho" and "F1-optimal" in state["calibration"]["source"]
     record = json.load(open(os.path.join(bottle_run, "metrics", "bottle.json")))
     assert record["image_report"]["TP"] + record["image_report"]["FN"] == 63
@@ -86,7 +86,8 @@ def test_same_seed_same_model_and_metrics(synthetic_root, r18_weights, tmp_path)
     a, b = (load_model(os.path.join(r, "widget.pdparams")) for r in runs)
     np.testing.assert_array_equal(a["projection"], b["projection"])
     np.testing.assert_array_equal(a["stats"]["mean"], b["stats"]["mean"])
-    np.testing.assert_array_equal(a["stats"]["precision"], b["stats"]["precision"])
+    np.testing.assert_array_equal(a["stats"]["precision_packed"], b["stats"]["precision_packed"])
+    np.testing.assert_array_equal(a["stats"]["precision_scale"], b["stats"]["precision_scale"])
     assert open(os.path.join(runs[0], "results.csv")).read() == open(os.path.join(runs[1], "results.csv")).read()
 
 
