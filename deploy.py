@@ -120,8 +120,7 @@ def load_deployed(model_file, params_file, stats_path, backend="paddle", **confi
     else:
         raise UserError(f"unknown --backend {backend}; choose paddle or onnxruntime")
     method = build_method(cfg)
-    detector = Detector(engine, method.score, stats, cfg["crop_size"], meta["calibration"],
-                        image_score=getattr(method, "image_score", None))
+    detector = Detector.for_method(method, engine, stats, cfg["crop_size"], meta["calibration"])
     probe = np.zeros((1, *meta["input_shape"]), np.float32)
     try:
         outputs = engine(probe)

@@ -16,7 +16,7 @@ from datasets import iterate_batches, resolve_categories, test_samples, train_sa
 from datasets.transforms import load_and_preprocess
 from models import build_method, check_model_matches, load_model, save_model
 from models.backbone import ARCHS, make_engine
-from models.postprocess import BLUR_SIGMA, Detector
+from models.postprocess import Detector
 from utils import (UserError, dumps_json, fmt, format_table, peak_rss_mb, set_seed, str2bool,
                    write_csv_atomic, write_text_atomic)
 import visualize
@@ -177,9 +177,7 @@ def split_calibration(samples, ratio, seed):
 
 
 def detector_for(state, engine, method):
-    return Detector(engine, method.score, state["stats"], state["config"]["crop_size"], state.get("calibration"),
-                    image_score=getattr(method, "image_score", None),
-                    blur_sigma=getattr(method, "blur_sigma", BLUR_SIGMA))
+    return Detector.for_method(method, engine, state["stats"], state["config"]["crop_size"], state.get("calibration"))
 
 
 def train_category(args, category):

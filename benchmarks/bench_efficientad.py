@@ -48,7 +48,7 @@ def main():
     for size, path in (("small", args.small), ("medium", args.medium)):
         net, stats, weights = build(size, path)
         eager = EagerEngine(net)
-        detector = Detector(eager, EfficientAD.score, stats, IMAGE_SIZE, blur_sigma=EfficientAD.blur_sigma)
+        detector = Detector.for_method(EfficientAD, eager, stats, IMAGE_SIZE)
         graph_ms = 1000 * time_per_image(eager, images)
         detector_ms = 1000 * time_per_image(detector.raw, images)
         inference = make_engine(net, (3, IMAGE_SIZE, IMAGE_SIZE), cpu_threads=args.threads, enable_mkldnn=True)

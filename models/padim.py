@@ -34,7 +34,8 @@ PROJECTIONS = ("sample", "h_sample", "ortho", "svd_ortho", "gaussian")
 LAYERS = ("layer1", "layer2", "layer3")
 EPSILON = 0.01        # covariance regulariser, as in PaDiM
 POSITION_CHUNK = 256  # positions per vectorised step (at most; see position_chunk)
-INVERT_CHUNK = 32     # float64 temporaries of the inversion: 32*k*k*8 bytes per thread
+INVERT_BYTES = 4 << 20  # float64 matrices per inversion step (a few such temporaries per thread)
+BLOCK_BYTES = 64 << 20  # outer-product blocks: above glibc's largest mmap threshold (32 MB)
 ACCUMULATE_IMAGES = 32  # outer products over 32 images per matmul run ~2x faster than over 8...
 ACCUMULATE_BYTES = 64 << 20  # ...but the feature buffer stays under 64 MB (WRN50 k=300: 17 images)
 
@@ -42,6 +43,12 @@ ACCUMULATE_BYTES = 64 << 20  # ...but the feature buffer stays under 64 MB (WRN5
 def position_chunk(k):
     """Positions per step so that a [chunk, k, k] float32 temporary stays near 16 MB."""
     return int(max(16, min(POSITION_CHUNK, (4 << 20) // (k * k))))
+
+
+def invert_chunk(k):
+    """Positions per inversion / packing step: 32 at k=100, 5 at k=300 (WRN50), where larger
+    float64 temporaries on both threads would raise the fit's memory peak."""
+    return int(max(1, min(32, INVERT_BYTES // (8 * k * k))))
 
 
 # ---------------------------------------------------------------- projections
@@ -129,7 +136,12 @@ def over_positions(fn, n_positions, chunk):
 
 
 class GaussianAccumulator:
-    """Running per-position mean and covariance from [B, k, P] feature batches."""
+    """Running per-position mean and covariance from [B, k, P] feature batches.
+
+    The outer products live in blocks of positions of at least BLOCK_BYTES, so that finalize
+    can hand each block back to the system (allocations that large are always their own
+    mapping) as soon as it is inverted and packed: the peak stays at one float32 P*k*k array
+    and the packed result grows into the memory given back (WRN50 k=300: 1.1 GB, not 1.4)."""
 
     def __init__(self):
         self.n = 0
@@ -138,42 +150,61 @@ class GaussianAccumulator:
     def update(self, feats):
         b, k = feats.shape[:2]
         x = feats.reshape(b, k, -1).transpose(2, 0, 1)  # [P, B, k]
+        step = position_chunk(k)
         if self.shift is None:
+            positions = x.shape[0]
+            self.block = step * max(1, -(-BLOCK_BYTES // (step * k * k * 4)))  # a whole number of steps
             self.shift = x.mean(axis=1).astype(np.float32)
             self.total = np.zeros(self.shift.shape, np.float64)
-            self.outer = np.zeros((x.shape[0], k, k), np.float32)
-
-        step = position_chunk(k)
+            self.outer = [np.zeros((min(self.block, positions - lo), k, k), np.float32)
+                          for lo in range(0, positions, self.block)]
 
         def accumulate(lo):
             xc = x[lo:lo + step] - self.shift[lo:lo + step, None, :]
             self.total[lo:lo + step] += xc.sum(axis=1)
-            self.outer[lo:lo + step] += np.matmul(xc.transpose(0, 2, 1), xc)
+            at = lo % self.block
+            self.outer[lo // self.block][at:at + step] += np.matmul(xc.transpose(0, 2, 1), xc)
 
         over_positions(accumulate, x.shape[0], step)
         self.n += b
 
     def finalize(self, epsilon=EPSILON):
-        """-> mean [P, k], precision [P, k, k] float32 = inv(cov + eps*I); reuses the
-        outer-product buffer so the peak stays at one P*k*k array."""
+        """-> mean [P, k], and the precision inv(cov + eps*I) packed by pack_precision
+        (int16 [P, k(k+1)/2], scale float32 [P])."""
         if self.n < 2:
             raise UserError("at least 2 training images are needed to fit a covariance")
         n = self.n
         m = self.total / n
-        eye = np.eye(self.outer.shape[1]) * epsilon
+        k = self.outer[0].shape[1]
+        eye = np.eye(k) * epsilon
+        packed = np.empty((len(m), k * (k + 1) // 2), np.int16)
+        scale = np.empty(len(m), np.float32)
+        step = invert_chunk(k)
 
-        def invert(lo):
-            hi = lo + INVERT_CHUNK
-            cov = self.outer[lo:hi].astype(np.float64)
-            cov -= n * m[lo:hi, :, None] * m[lo:hi, None, :]
-            cov /= n - 1
-            cov += eye
-            self.outer[lo:hi] = np.linalg.inv(cov)
+        def invert_block(index):
+            outer, self.outer[index] = self.outer[index], None
+            for at in range(0, len(outer), step):
+                lo = index * self.block + at
+                hi = lo + min(step, len(outer) - at)
+                cov = outer[at:at + step].astype(np.float64)
+                cov -= n * m[lo:hi, :, None] * m[lo:hi, None, :]
+                cov /= n - 1
+                cov += eye
+                packed[lo:hi], scale[lo:hi] = pack_precision(np.linalg.inv(cov))
 
-        over_positions(invert, len(m), chunk=INVERT_CHUNK)
-        mean = (self.shift + m).astype(np.float32)
-        precision, self.outer = self.outer, None
-        return mean, precision
+        over_positions(invert_block, len(self.outer), chunk=1)
+        self.outer = None
+        return (self.shift + m).astype(np.float32), packed, scale
+
+
+def unpack_precision(packed, scale):
+    """Inverse of pack_precision (to the 16-bit grid): [P, k, k] float64, for tests and inspection."""
+    t = packed.shape[1]
+    k = int(round((np.sqrt(8 * t + 1) - 1) / 2))
+    rows, cols = np.triu_indices(k)
+    full = np.zeros((len(packed), k, k))
+    full[:, rows, cols] = packed * scale[:, None].astype(np.float64) / np.where(rows == cols, 1.0, 2.0)
+    return full + np.triu(full, 1).transpose(0, 2, 1)
 
 
 PACK_LEVELS = 32767  # int16 fixed point: the largest entry of each position maps to +-32767
@@ -189,11 +220,12 @@ def pack_precision(precision):
     weight = np.where(rows == cols, 1.0, 2.0)
     packed = np.empty((p, len(rows)), np.int16)
     scale = np.empty(p, np.float32)
-    for lo in range(0, p, INVERT_CHUNK):
-        tri = precision[lo:lo + INVERT_CHUNK][:, rows, cols].astype(np.float64) * weight
+    step = invert_chunk(k)
+    for lo in range(0, p, step):
+        tri = precision[lo:lo + step][:, rows, cols].astype(np.float64) * weight
         peak = np.maximum(np.abs(tri).max(axis=1), 1e-30)
-        packed[lo:lo + INVERT_CHUNK] = np.rint(tri * (PACK_LEVELS / peak[:, None]))
-        scale[lo:lo + INVERT_CHUNK] = peak / PACK_LEVELS
+        packed[lo:lo + step] = np.rint(tri * (PACK_LEVELS / peak[:, None]))
+        scale[lo:lo + step] = peak / PACK_LEVELS
     return packed, scale
 
 
@@ -288,9 +320,7 @@ class PaDiM:
                     filled = 0
         if filled:
             acc.update(buffer[:filled])
-        mean, precision = acc.finalize()
-        packed, scale = pack_precision(precision)
-        del precision
+        mean, packed, scale = acc.finalize()
         state = {"projection_kind": kind, "projection": projection,
                  "net": {k: v.numpy() for k, v in net.state_dict().items()},
                  "stats": {"mean": mean, "precision_packed": packed, "precision_scale": scale}}

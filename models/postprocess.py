@@ -3,31 +3,74 @@ infer.py in deployment): patch scores -> anomaly map -> calibrated score, label 
 
 Keeping this in one module is what makes predict.py and infer.py agree number for number.
 """
+import functools
+
 import cv2
 import numpy as np
+from threadpoolctl import ThreadpoolController
 
 BLUR_SIGMA = 4.0
 BLUR_TRUNCATE = 4.0  # kernel radius in sigmas, as scipy.ndimage.gaussian_filter
+_BLAS = ThreadpoolController()
+
+
+def gaussian_kernel(sigma):
+    """scipy.ndimage.gaussian_filter's 1-D kernel: radius int(4 sigma + 0.5), normalised."""
+    radius = int(BLUR_TRUNCATE * sigma + 0.5)
+    x = np.arange(-radius, radius + 1, dtype=np.float64)
+    kernel = np.exp(-0.5 * (x / sigma) ** 2)
+    return kernel / kernel.sum()
 
 
 def gaussian_blur(image, sigma=BLUR_SIGMA):
     """scipy.ndimage.gaussian_filter(image, sigma) (mode 'reflect', truncate 4) computed with
     OpenCV's separable filter: the same kernel and border rule, ~5x faster on a 224^2 map."""
-    radius = int(BLUR_TRUNCATE * sigma + 0.5)
-    x = np.arange(-radius, radius + 1, dtype=np.float64)
-    kernel = np.exp(-0.5 * (x / sigma) ** 2)
-    kernel = (kernel / kernel.sum()).astype(np.float32)
+    kernel = gaussian_kernel(sigma).astype(np.float32)
     return cv2.sepFilter2D(image, -1, kernel, kernel, borderType=cv2.BORDER_REFLECT)
+
+
+@functools.lru_cache(maxsize=16)
+def map_operator(in_size, out_size, sigma):
+    """[out, in] float32 matrix of one axis of `anomaly_maps`: bilinear upsampling with half-pixel
+    centres (cv2.INTER_LINEAR, F.interpolate(align_corners=False)), then the Gaussian blur with
+    scipy's 'reflect' border. Both steps are linear and separable, so a map is A @ p @ A.T:
+    two small matrix products instead of a resize and a 33-tap filter over 224^2 (~5x faster)."""
+    up = np.zeros((out_size, in_size))
+    for i in range(out_size):
+        src = (i + 0.5) * in_size / out_size - 0.5
+        lo = int(np.floor(src))
+        frac = src - lo
+        if lo < 0:
+            lo, frac = 0, 0.0
+        if lo >= in_size - 1:
+            lo, frac = in_size - 1, 0.0
+        up[i, lo] += 1.0 - frac
+        if frac:
+            up[i, lo + 1] += frac
+    if not sigma:
+        return up.astype(np.float32)
+    kernel = gaussian_kernel(sigma)
+    radius = len(kernel) // 2
+    blur = np.zeros((out_size, out_size))
+    for i in range(out_size):
+        for t, weight in enumerate(kernel):
+            j = i + t - radius
+            while not 0 <= j < out_size:  # reflect about the edge: ... b a | a b c ... (scipy 'reflect')
+                j = -j - 1 if j < 0 else 2 * out_size - j - 1
+            blur[i, j] += weight
+    return (blur @ up).astype(np.float32)
 
 
 def anomaly_maps(patch_scores, out_size, sigma=BLUR_SIGMA):
     """[B, h, w] patch scores -> [B, S, S] maps: bilinear upsample (half-pixel centres, like
-    F.interpolate(align_corners=False)) then a Gaussian blur with sigma 4."""
-    maps = np.empty((len(patch_scores), out_size, out_size), np.float32)
-    for i, p in enumerate(patch_scores):
-        up = cv2.resize(np.ascontiguousarray(p, np.float32), (out_size, out_size), interpolation=cv2.INTER_LINEAR)
-        maps[i] = gaussian_blur(up, sigma) if sigma else up
-    return maps
+    F.interpolate(align_corners=False)) then a Gaussian blur with sigma 4 (map_operator)."""
+    patch_scores = np.asarray(patch_scores, np.float32)
+    rows = map_operator(patch_scores.shape[1], out_size, float(sigma))
+    cols = map_operator(patch_scores.shape[2], out_size, float(sigma))
+    # One BLAS thread: products this small gain nothing from more, and BLAS threads left
+    # spinning after them would compete with the next image's oneDNN forward (2x slower).
+    with _BLAS.limit(limits=1, user_api="blas"):
+        return np.ascontiguousarray(np.matmul(np.matmul(rows, patch_scores), cols.T), dtype=np.float32)
 
 
 def normalize(values, threshold, low, high):
@@ -54,6 +97,13 @@ class Detector:
         self.crop_size = crop_size
         self.calibration = calibration
         self.blur_sigma = blur_sigma
+
+    @classmethod
+    def for_method(cls, method, engine, stats, crop_size, calibration=None):
+        """The detector of a method: its scorer, image score and blur. Every entry point builds
+        it here, so none can pair a method with another's post-processing."""
+        return cls(engine, method.score, stats, crop_size, calibration, image_score=getattr(method, "image_score", None),
+                   blur_sigma=getattr(method, "blur_sigma", BLUR_SIGMA))
 
     def raw(self, images, chunk=1):
         """-> (image scores [B], maps [B,S,S]). Batch 1 through the engine is the fastest on

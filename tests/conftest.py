@@ -83,3 +83,31 @@ def bottle_run(mvtec_lite, r18_weights, tmp_path_factory):
                        "--eval_PRO", "--save_path", save, "--no_progress"])
     assert code == 0
     return save
+
+
+def assert_deployed_matches_predict(model_dir, flags, category, images, tmp_path, capsys, engine="eager"):
+    """export_model.py -> infer.py (Paddle Inference + oneDNN) against predict.py on the same
+    images: raw image scores to 1e-4 relative, calibrated maps to 1e-3 absolute (the issue's
+    parity bar, for every method)."""
+    import json
+
+    import export_model
+    import infer
+    import predict
+    deployed, infer_out, pred_out = (str(tmp_path / name) for name in ("deployed", "infer", "predict"))
+    assert export_model.main([*flags, "--model_path", os.path.join(model_dir, f"{category}.pdparams"),
+                              "--save_dir", deployed]) == 0
+    assert infer.main(["--model_dir", deployed, "--input_file", *images, "--cpu_threads", "2",
+                       "--enable_mkldnn", "True", "--save_path", infer_out]) == 0
+    with open(os.path.join(infer_out, "infer_results.jsonl")) as f:
+        deployed_records = {os.path.abspath(r["image_path"]): r for r in map(json.loads, f)}
+    capsys.readouterr()
+    assert predict.main([*images, "--category", category, *flags, "--model_path", model_dir, "--engine", engine,
+                         "--output_dir", pred_out, "--no_progress"]) == 0
+    predicted = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert len(predicted) == len(deployed_records) == len(images)
+    for rec in predicted:
+        got = deployed_records[os.path.abspath(rec["image_path"])]
+        assert got["raw_score"] == pytest.approx(rec["raw_score"], rel=1e-4)
+        assert got["pred_label"] == rec["pred_label"]
+        np.testing.assert_allclose(np.load(got["anomaly_map"]), np.load(rec["anomaly_map"]), atol=1e-3, rtol=0)

@@ -9,6 +9,7 @@ from PIL import Image
 
 import models.efficientad as ead
 import train as train_script
+from conftest import assert_deployed_matches_predict
 from datasets.efficientad import ae_color_jitter, to_network
 from models.pdn import (IMAGE_SIZE, MAP_BORDER, MAP_SIZE, OUT_CHANNELS, RECEPTIVE_FIELD, AutoEncoder,
                         EfficientADNet, pdn)
@@ -221,7 +222,7 @@ def _subset_category(src, dst, train_every, test_every):
                     os.symlink(mask, os.path.join(dst, "ground_truth", defect, os.path.basename(mask)))
 
 
-def test_short_bottle_run_trains_and_evaluates(tmp_path, mvtec_lite, r18_weights, natural_images):
+def test_short_bottle_run_trains_and_evaluates(tmp_path, mvtec_lite, r18_weights, natural_images, capsys):
     """Distil a teacher briefly, train the student a few steps through train.py, and evaluate on
     a third of the bottle test set."""
     data = tmp_path / "data"
@@ -245,3 +246,7 @@ def test_short_bottle_run_trains_and_evaluates(tmp_path, mvtec_lite, r18_weights
     losses = paddle.load(os.path.join(save, "checkpoints", "bottle.ckpt"), return_numpy=True)["losses"]
     assert len(losses) == CI_TRAIN_STEPS and losses[-20:].mean() <= CI_LOSS_DROP * losses[:20].mean(), losses
     assert state["config"]["train_crop"] == CI_TRAIN_CROP
+    # The deployed graph (teacher, student, autoencoder, normalisation) against predict.py.
+    test_dir = data / "bottle" / "test"
+    images = [str(test_dir / d / sorted(os.listdir(test_dir / d))[0]) for d in ("broken_large", "good")]
+    assert_deployed_matches_predict(save, ["--method", "efficientad"], "bottle", images, tmp_path, capsys)

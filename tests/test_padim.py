@@ -1,22 +1,30 @@
 import numpy as np
 import pytest
 
-from models.padim import EPSILON, GaussianAccumulator, PaDiMFeatureNet, make_projection, mahalanobis, pack_precision
+import models.padim as padim
+from models.padim import (EPSILON, GaussianAccumulator, PaDiMFeatureNet, make_projection, mahalanobis,
+                          pack_precision, unpack_precision)
 from utils import UserError
 
 
-def test_streaming_stats_equal_numpy_cov():
+@pytest.mark.parametrize("block_bytes", [padim.BLOCK_BYTES, 1])  # one block; blocks of 16 positions
+def test_streaming_stats_equal_numpy_cov(block_bytes, monkeypatch):
+    monkeypatch.setattr(padim, "BLOCK_BYTES", block_bytes)
+    monkeypatch.setattr(padim, "POSITION_CHUNK", 16)
     rng = np.random.RandomState(0)
-    feats = (rng.randn(23, 5, 3, 4) * 0.1 + 50.0).astype(np.float32)  # large mean: tests the shift
+    feats = (rng.randn(23, 5, 6, 8) * 0.1 + 50.0).astype(np.float32)  # large mean: tests the shift
     acc = GaussianAccumulator()
     for lo in range(0, 23, 7):
         acc.update(feats[lo:lo + 7])
-    mean, precision = acc.finalize()
-    x = feats.reshape(23, 5, 12).astype(np.float64)
-    for p in (0, 7, 11):
+    assert len(acc.outer) == (1 if block_bytes > 1 else 3)
+    mean, packed, scale = acc.finalize()
+    precision = unpack_precision(packed, scale)
+    x = feats.reshape(23, 5, 48).astype(np.float64)
+    for p in (0, 7, 17, 47):
         np.testing.assert_allclose(mean[p], x[:, :, p].mean(0), rtol=1e-6)
         cov = np.cov(x[:, :, p], rowvar=False) + EPSILON * np.eye(5)
-        np.testing.assert_allclose(precision[p], np.linalg.inv(cov), rtol=2e-3, atol=1e-3)
+        ref = np.linalg.inv(cov)
+        np.testing.assert_allclose(precision[p], ref, rtol=2e-3, atol=2e-4 * np.abs(ref).max())
 
 
 def test_mahalanobis_matches_direct_formula():
@@ -44,13 +52,16 @@ def test_packed_mahalanobis_on_fitted_statistics():
     train = np.einsum("nkhw,kj->njhw", train, np.linalg.qr(rng.randn(k, k))[0]).astype(np.float32)
     acc = GaussianAccumulator()
     acc.update(train)
-    mean, precision = acc.finalize()
-    packed, scale = pack_precision(precision)
+    mean, packed, scale = acc.finalize()
+    flat = train.reshape(n, k, positions).astype(np.float64)
+    precision = np.stack([np.linalg.inv(np.cov(flat[:, :, p], rowvar=False) + EPSILON * np.eye(k))
+                          for p in range(positions)])
     assert packed.dtype == np.int16 and packed.shape == (positions, k * (k + 1) // 2)
+    np.testing.assert_allclose(mean, flat.mean(0).T, rtol=1e-5, atol=1e-5)
     test = (train[:5] + rng.randn(5, k, 3, 4).astype(np.float32) * np.array([0, 0.5, 1, 3, 10], np.float32)[:, None, None, None])
     got = mahalanobis(test, mean, packed, scale)
     x = test.reshape(5, k, positions).transpose(2, 0, 1).astype(np.float64) - mean[:, None, :]
-    exact = np.sqrt(np.einsum("pbi,pij,pbj->pb", x, precision.astype(np.float64), x)).T.reshape(5, 3, 4)
+    exact = np.sqrt(np.einsum("pbi,pij,pbj->pb", x, precision, x)).T.reshape(5, 3, 4)
     np.testing.assert_allclose(got, exact, rtol=1e-3)
     one_by_one = np.concatenate([mahalanobis(test[i:i + 1], mean, packed, scale) for i in range(5)])
     np.testing.assert_array_equal(got, one_by_one)
@@ -110,6 +121,12 @@ def test_blur_equals_scipy_gaussian_filter():
     import cv2
     up = cv2.resize(patch[1], (28, 28), interpolation=cv2.INTER_LINEAR)
     np.testing.assert_allclose(maps[1], gaussian_filter(up, 4.0), atol=1e-6)
+    # The deployed shape (56 -> 224) and upsampling alone (EfficientAD), as resize [+ filter].
+    patch = rng.rand(2, 56, 56).astype(np.float32) * 10
+    for sigma in (4.0, 0.0):
+        for got, p in zip(anomaly_maps(patch, 224, sigma=sigma), patch):
+            up = cv2.resize(p, (224, 224), interpolation=cv2.INTER_LINEAR)
+            np.testing.assert_allclose(got, gaussian_filter(up, sigma) if sigma else up, atol=1e-5)
 
 
 def test_mahalanobis_rejects_statistics_of_another_shape():

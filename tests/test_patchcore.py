@@ -14,6 +14,7 @@ import pytest
 import eval as eval_script
 import predict as predict_script
 import train as train_script
+from conftest import assert_deployed_matches_predict
 from models import load_model
 from models.patchcore import NearestBank, PatchCore, channel_pool_matrix, greedy_k_center
 from utils import UserError, run_cli
@@ -216,3 +217,10 @@ def test_eval_and_predict_with_the_saved_model(coreset_run, mvtec_lite, tmp_path
                                 "--output_dir", str(tmp_path / "pred"), "--no_progress"]) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     assert [line["pred_label"] for line in lines] == ["anomalous", "normal"]
+
+
+def test_deployed_patchcore_matches_predict(coreset_run, mvtec_lite, tmp_path, capsys):
+    test_dir = os.path.join(mvtec_lite, "bottle", "test")
+    images = [os.path.join(test_dir, d, f"{i:03d}.png") for d in ("broken_large", "contamination", "good")
+              for i in range(3)]
+    assert_deployed_matches_predict(coreset_run, CORESET, "bottle", images, tmp_path, capsys)
