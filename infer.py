@@ -43,6 +43,22 @@ def build_parser():
     return p
 
 
+def predict_batch(detector, cfg, paths, timer):
+    """Image files -> ([(chw, rgb)], uniform predictions); the three stages' wall times go to `timer`."""
+    t0 = now()
+    loaded = [load_and_preprocess(p, cfg["resize"], cfg["crop_size"]) for p in paths]
+    images = np.stack([chw for chw, _ in loaded])
+    t1 = now()
+    outputs = detector.engine(images)
+    t2 = now()
+    scores, maps = detector.postprocess(outputs)
+    preds = detector.calibrated(scores, maps)
+    t3 = now()
+    for stage, seconds in (("preprocess", t1 - t0), ("inference", t2 - t1), ("postprocess", t3 - t2)):
+        timer.add(stage, seconds, len(paths))
+    return loaded, preds
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.batch_size < 1:
@@ -61,17 +77,7 @@ def main(argv=None):
     records = []
     for lo in range(0, len(paths), args.batch_size):
         batch = paths[lo:lo + args.batch_size]
-        t0 = now()
-        loaded = [load_and_preprocess(p, cfg["resize"], cfg["crop_size"]) for p in batch]
-        images = np.stack([chw for chw, _ in loaded])
-        t1 = now()
-        outputs = detector.engine(images)
-        t2 = now()
-        scores, maps = detector.postprocess(outputs)
-        preds = detector.calibrated(scores, maps)
-        t3 = now()
-        for stage, seconds in (("preprocess", t1 - t0), ("inference", t2 - t1), ("postprocess", t3 - t2)):
-            timer.add(stage, seconds, len(batch))
+        loaded, preds = predict_batch(detector, cfg, batch, timer)
         for path, (_, rgb), pred in zip(batch, loaded, preds):
             records.append(visualize.write_prediction(args.save_path, path, stems[path], rgb, pred,
                                                       args.save_pic, args.overwrite))

@@ -8,6 +8,9 @@ import argparse
 import json
 import os
 import tempfile
+import time
+
+import numpy as np
 
 from common import DATA, WEIGHTS, bare_backbone, load_images, require_shared, time_per_image
 
@@ -16,6 +19,7 @@ import export_model  # noqa: E402
 import infer  # noqa: E402
 import train  # noqa: E402
 from datasets import test_samples  # noqa: E402
+from deploy import StageTimer, load_deployed, resolve_files  # noqa: E402
 from models.backbone import make_engine  # noqa: E402
 
 METHOD_FLAGS = {
@@ -68,6 +72,21 @@ def main():
                   f"{report['inference_time_ms'] / bare_ms:.2f}x, inference + postprocess: {network_post / bare_ms:.2f}x, "
                   f"preprocess = image decoding + crop + normalise: {report['preprocess_time_ms'] / bare_ms:.2f}x); "
                   f"target for ortho k=100: <= 1.15x")
+            # Drift-proof ratio: infer.py's own per-image stages (predict_batch) and the bare
+            # forward alternate image by image on the same deployed files; medians.
+            detector, meta = load_deployed(*resolve_files(deployed), cpu_threads=args.threads, enable_mkldnn=True)
+            timer, bare_times = StageTimer(warmup=2), []
+            for path, image in zip(paths, images):
+                infer.predict_batch(detector, meta["config"], [path], timer)
+                t0 = time.perf_counter()
+                floor(image[None])
+                bare_times.append(1000 * (time.perf_counter() - t0))
+            stages = {stage: float(np.median(timer.times[stage][2:])) for stage in timer.times}
+            bare_median = float(np.median(bare_times[2:]))
+            print(f"[{name}] interleaved with the bare forward, medians: preprocess {stages['preprocess']:.1f} + "
+                  f"inference {stages['inference']:.1f} + postprocess {stages['postprocess']:.1f} = "
+                  f"{sum(stages.values()):.1f} ms vs bare {bare_median:.1f} ms: {sum(stages.values()) / bare_median:.2f}x "
+                  f"(inference + postprocess {(stages['inference'] + stages['postprocess']) / bare_median:.2f}x)")
             print(f"[{name}] eager predict (network + post-processing, no image loading): {eager_ms:.1f} ms/img = "
                   f"{eager_ms / total:.1f}x infer.py;  anomalib here: PaDiM 58 ms/img, PatchCore 138 ms/img")
             print(f"[{name}] cpu_rss {report['cpu_rss_mb']} MB")
