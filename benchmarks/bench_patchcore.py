@@ -42,9 +42,9 @@ def main(argv=None):
     config = {"method": "coreset", "arch": args.arch, "seed": args.seed, "crop_size": 224,
               "coreset_ratio": args.coreset_ratio, "num_neighbors": args.num_neighbors}
     method = PatchCore(config)
-    _, engine, basis = method.feature_engine(args.backbone_weights, {"engine": "inference"})
+    _, engine = method.feature_engine(args.backbone_weights, {"engine": "inference"})
     train = train_samples(args.data_path, args.category)
-    parts = method.training_rows(engine, (x for _, x, _, _ in iterate_batches(train, 8, 256, 224)), basis)
+    parts = method.training_rows(engine, (x for _, x, _, _ in iterate_batches(train, 8, 256, 224)))
     n_patches = sum(len(p) for p in parts)
 
     t0 = time.perf_counter()
@@ -57,7 +57,7 @@ def main(argv=None):
     images = [x[i:i + 1] for _, x, _, _ in iterate_batches(tests, 8, 256, 224) for i in range(len(x))]
     forward_ms = per_image_ms(engine, images)
     outputs = [engine(x) for x in images]
-    stats = {"memory_bank": bank} if basis is None else {"memory_bank": bank, "basis": basis}
+    stats = {"memory_bank": bank}
     print(f"backbone forward: {forward_ms:.1f} ms/image")
     searches = [("exact", method)]
     if importlib.util.find_spec("faiss"):

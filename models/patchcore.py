@@ -6,12 +6,15 @@ over 3x3 patch neighbourhoods, layer3 bilinearly upsampled to layer2's grid, con
 average-pooled over channels to EMBED_DIM (adaptive pooling, written as a fixed 1x1 conv).
 
 For resnet18 that pooling maps 384 channels to 1024: the features lie in a 384-dim subspace,
-so bank and queries are kept in an orthonormal basis of it (`stats['basis']`). Euclidean
-distances are unchanged and the nearest-neighbour search does 2.7x less work.
+so the graph outputs their coordinates in an orthonormal basis of it (the basis is folded
+into the pooling conv). Euclidean distances are unchanged; the conv, the outputs and the
+nearest-neighbour search are 2.7x smaller.
 
 Memory bank: exact greedy k-center coreset of all training patches (`greedy_k_center`), chosen
 in a seeded 128-dim Gaussian random projection, `--coreset_ratio` of the patches.
 """
+import os
+
 import numpy as np
 import paddle
 import paddle.nn as nn
@@ -50,13 +53,16 @@ def feature_basis(pool):
 
 
 class PatchCoreFeatureNet(nn.Layer):
-    """image -> locally aware patch features [B, EMBED_DIM, H/8, W/8]."""
+    """image -> locally aware patch features [B, D, H/8, W/8]: EMBED_DIM channel-pooled features,
+    in an orthonormal basis of their subspace when they do not span all EMBED_DIM (D = rank)."""
 
     def __init__(self, arch, dim=EMBED_DIM):
         super().__init__()
         self.backbone = ResNetFeatures(arch, LAYERS)
         pool = channel_pool_matrix(sum(self.backbone.channels()), dim)
-        self.register_buffer("channel_pool", paddle.to_tensor(pool[:, :, None, None]))
+        basis = feature_basis(pool)
+        weight = pool if basis is None else (basis.T.astype(np.float64) @ pool).astype(np.float32)
+        self.register_buffer("channel_pool", paddle.to_tensor(weight[:, :, None, None]))
 
     def forward(self, x):
         # exclusive=False: border averages count the zero padding, as the reference's AvgPool2d.
@@ -65,10 +71,9 @@ class PatchCoreFeatureNet(nn.Layer):
         return F.conv2d(paddle.concat([fine, coarse], axis=1), self.channel_pool)
 
 
-def patch_rows(features, basis=None):
-    """[B, D, h, w] -> [B*h*w, D] (or [B*h*w, rank] in `basis`), rows in (image, y, x) order."""
-    rows = features.transpose(0, 2, 3, 1).reshape(-1, features.shape[1])
-    return np.ascontiguousarray(rows if basis is None else rows @ basis, np.float32)
+def patch_rows(features):
+    """[B, D, h, w] -> [B*h*w, D], rows in (image, y, x) order."""
+    return np.ascontiguousarray(features.transpose(0, 2, 3, 1).reshape(-1, features.shape[1]), np.float32)
 
 
 # ---------------------------------------------------------------- coreset
@@ -216,7 +221,9 @@ class NearestBank:
             return np.sqrt(np.maximum(d2, 0)), idx.astype(np.int64)
         d2 = np.empty((len(q), k), np.float32)
         idx = np.empty((len(q), k), np.int64)
-        rows = max(1, QUERY_BLOCK // len(self.bank))
+        # Blocks bounded in memory, and at least one per core (one image's 784 queries against a
+        # 1% bank would otherwise be a single block on a single thread).
+        rows = max(1, min(QUERY_BLOCK // len(self.bank), -(-len(q) // (os.cpu_count() or 1))))
 
         def block(lo):
             s = slice(lo, lo + rows)
@@ -269,32 +276,34 @@ class PatchCore:
         self._bank = None  # (bank array, NearestBank) of the last stats scored
 
     def feature_net(self, state):
+        if "basis" in state["stats"]:
+            raise UserError("this PatchCore model applies its feature basis outside the graph (written before "
+                            "the basis was folded into it); train it again")
         net = PatchCoreFeatureNet(self.config["arch"])
         net.set_state_dict(state["net"])
         net.eval()
         return net
 
     def fit(self, batches, engine_kwargs, weights_path, progress=True):
-        net, engine, basis = self.feature_engine(weights_path, engine_kwargs)
-        parts = self.training_rows(engine, batches(), basis, progress)
+        net, engine = self.feature_engine(weights_path, engine_kwargs)
+        parts = self.training_rows(engine, batches(), progress)
         bank, projection = self.select_coreset(parts, progress)
-        stats = {"memory_bank": bank} if basis is None else {"memory_bank": bank, "basis": basis}
-        state = {"net": {k: v.numpy() for k, v in net.state_dict().items()}, "stats": stats,
+        state = {"net": {k: v.numpy() for k, v in net.state_dict().items()}, "stats": {"memory_bank": bank},
                  "projection": projection, "train_patches": sum(len(p) for p in parts)}
         return state, engine
 
     def feature_engine(self, weights_path, engine_kwargs):
-        """-> (feature net with the backbone weights, its engine, feature basis or None)."""
+        """-> (feature net with the backbone weights, its engine)."""
         net = PatchCoreFeatureNet(self.config["arch"])
         net.backbone.load_pretrained(weights_path)
         size = self.config["crop_size"]
         engine = make_engine(net, (3, size, size), **engine_kwargs)
-        return net, engine, feature_basis(net.channel_pool.numpy()[:, :, 0, 0])
+        return net, engine
 
     @staticmethod
-    def training_rows(engine, batches, basis, progress=False):
-        """-> one [B*h*w, D] array of patch features per batch (in `basis`)."""
-        return [patch_rows(run_in_chunks(engine, images)[0], basis)
+    def training_rows(engine, batches, progress=False):
+        """-> one [B*h*w, D] array of patch features per batch."""
+        return [patch_rows(run_in_chunks(engine, images)[0])
                 for images in tqdm(batches, desc="features", unit="batch", disable=not progress, leave=False)]
 
     def select_coreset(self, parts, progress=False):
@@ -319,15 +328,15 @@ class PatchCore:
     def score(self, outputs, stats):
         """Patch score = distance to the nearest memory-bank patch: [B, h, w]."""
         b, _, h, w = outputs[0].shape
-        dist, _ = self.nearest_bank(stats).search(patch_rows(outputs[0], stats.get("basis")), 1)
+        dist, _ = self.nearest_bank(stats).search(patch_rows(outputs[0]), 1)
         return dist[:, 0].reshape(b, h, w)
 
     def image_score(self, outputs, patch_scores, stats):
         """The Detector's image-score hook: re-weighted largest patch score per image [B]."""
-        basis, bank, search = stats.get("basis"), stats["memory_bank"], self.nearest_bank(stats).search
+        bank, search = stats["memory_bank"], self.nearest_bank(stats).search
         scores = []
         for features, patches in zip(outputs[0], patch_scores):
             y, x = np.unravel_index(patches.argmax(), patches.shape)
-            q = features[:, y, x] if basis is None else features[:, y, x] @ basis
+            q = features[:, y, x]
             scores.append(reweighted_image_score(patches[y, x], q, bank, search, self.num_neighbors))
         return np.array(scores, np.float32)
