@@ -268,7 +268,7 @@ def mahalanobis(feats, mean, packed, scale):
     def distance(lo):
         _packed_quadratic_forms(x, mean, packed, scale, out, lo, min(lo + step, h * w))
 
-    list(_POOL.map(distance, range(0, h * w, step)))
+    over_positions(distance, h * w, step)
     return np.sqrt(np.maximum(out, 0)).reshape(b, h, w)
 
 
