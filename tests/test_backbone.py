@@ -1,3 +1,7 @@
+import os
+import subprocess
+import sys
+
 import numpy as np
 import paddle
 import pytest
@@ -26,6 +30,33 @@ def test_inference_with_onednn_runs_interpolate_graphs_like_eager(r18_weights):
     a, b = fast(x)[0], eager(x)[0]
     assert a.shape == (2, 448, 24, 24)
     np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
+
+
+OPENMP_BLOCKTIME_PROBE = """
+import ctypes, os, sys
+sys.path.insert(0, os.getcwd())
+import {module}
+import paddle
+paddle.nn.Conv2D(3, 4, 3)(paddle.ones([1, 3, 8, 8]))  # starts OpenMP
+iomp = ctypes.CDLL(os.path.join(os.path.dirname(paddle.__file__), "libs", "libiomp5.so"))
+print(iomp.kmp_get_blocktime())
+"""
+
+
+@pytest.mark.parametrize("module", ["train", "eval", "predict", "export_model", "infer"])
+def test_entry_points_stop_openmp_spinning_after_a_forward(module):
+    """Every entry point must bring KMP_BLOCKTIME=1 into Paddle's OpenMP runtime (Intel's 200 ms
+    default spin took a core from the scoring after each forward), unless the user set it."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if not os.path.exists(os.path.join(os.path.dirname(paddle.__file__), "libs", "libiomp5.so")):
+        pytest.skip("this Paddle build does not use Intel OpenMP")
+    env = {k: v for k, v in os.environ.items() if k != "KMP_BLOCKTIME"}
+    for user_value, expected in ((None, "1"), ("7", "7")):
+        if user_value:
+            env["KMP_BLOCKTIME"] = user_value
+        out = subprocess.run([sys.executable, "-c", OPENMP_BLOCKTIME_PROBE.format(module=module)], cwd=root, env=env,
+                             capture_output=True, text=True, check=True).stdout
+        assert out.split()[-1] == expected
 
 
 def test_projection_is_inside_the_graph(r18_weights):
