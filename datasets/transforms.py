@@ -4,15 +4,22 @@ One implementation so that every entry point feeds the network identical tensors
 """
 import os
 
+import numba
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from utils import UserError
 
+try:  # libspng: 8-bit RGB PNGs (MVTec's format) decode ~2x faster than with Pillow, to the same pixels
+    import pyspng
+except ImportError:  # no wheel for this platform: Pillow decodes everything
+    pyspng = None
+
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 # (x / 255 - mean) / std for every 8-bit value of each channel: normalising is then one table
-# lookup per pixel, ~2x faster than the arithmetic on a 224^2 image.
+# lookup per pixel (_normalise_hwc), 0.06 ms on a 224^2 image against ~1 ms for the arithmetic
+# or for np.take (which first widens the uint8 indices to int64).
 _NORM_TABLE = ((np.arange(256, dtype=np.float32)[None, :] / np.float32(255.0) - IMAGENET_MEAN[:, None])
                / IMAGENET_STD[:, None]).astype(np.float32)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
@@ -33,8 +40,33 @@ def _open(path):
     return img
 
 
+def _decode_rgb8_png(path):
+    """An 8-bit truecolour PNG without alpha decoded by libspng, else None (Pillow then decodes
+    it, or names what is wrong with the file)."""
+    if pyspng is None or not path.lower().endswith(".png"):
+        return None
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    # IHDR is the first chunk: bit depth at byte 24, colour type at byte 25 (2: RGB, no alpha).
+    if data[:8] != b"\x89PNG\r\n\x1a\n" or data[12:16] != b"IHDR" or data[24:26] != b"\x08\x02":
+        return None
+    try:
+        arr = pyspng.load(data)
+    except (RuntimeError, ValueError):
+        return None
+    if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3:
+        return None
+    return Image.fromarray(arr)
+
+
 def load_rgb(path):
     """Any mode (grayscale, palette, RGBA, 16-bit) as 8-bit RGB."""
+    fast = _decode_rgb8_png(path)
+    if fast is not None:
+        return fast
     img = _open(path)
     if img.mode in ("I;16", "I;16B", "I"):
         arr = np.asarray(img, dtype=np.float64)
@@ -77,9 +109,19 @@ def preprocess_image(img, resize, crop_size):
         raise UserError(f"--crop_size {crop_size} is larger than --resize {resize}")
     rgb = np.asarray(_resize_crop(img, resize, crop_size, Image.LANCZOS), dtype=np.uint8)
     chw = np.empty((3,) + rgb.shape[:2], np.float32)
-    for c in range(3):
-        np.take(_NORM_TABLE[c], rgb[:, :, c], out=chw[c])
+    _normalise_hwc(rgb, _NORM_TABLE, chw)
     return chw, rgb
+
+
+@numba.njit(nogil=True, cache=True)
+def _normalise_hwc(rgb, table, out):
+    """out[c, y, x] = table[c, rgb[y, x, c]]: uint8 HWC -> normalised float32 CHW."""
+    h, w, channels = rgb.shape
+    for c in range(channels):
+        lut = table[c]
+        for y in range(h):
+            for x in range(w):
+                out[c, y, x] = lut[rgb[y, x, c]]
 
 
 def preprocess_mask(mask, resize, crop_size):
