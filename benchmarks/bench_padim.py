@@ -41,7 +41,7 @@ before = peak_rss_mb()
 state, _ = PaDiM(cfg).fit(batches, dict(engine="inference", cpu_threads=2), path, progress=False)
 print(json.dumps(dict(peak_rss_mb=peak_rss_mb(), before_fit_mb=before,
                       packed_mb=state["stats"]["precision_packed"].nbytes / 2**20,
-                      matrices_mb=state["stats"]["mean"].size * 300 * 4 / 2**20)))
+                      matrices_mb=state["stats"]["mean"].size * state["stats"]["mean"].shape[1] * 4 / 2**20)))
 """
 
 

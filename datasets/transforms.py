@@ -18,8 +18,8 @@ except ImportError:  # no wheel for this platform: Pillow decodes everything
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 # (x / 255 - mean) / std for every 8-bit value of each channel: normalising is then one table
-# lookup per pixel (_normalise_hwc), 0.06 ms on a 224^2 image against ~1 ms for the arithmetic
-# or for np.take (which first widens the uint8 indices to int64).
+# lookup per pixel (_normalise_hwc): 0.06 ms on a 224^2 image, against ~1 ms for the arithmetic
+# and 0.25-0.8 ms for np.take (which first widens the uint8 indices to int64).
 _NORM_TABLE = ((np.arange(256, dtype=np.float32)[None, :] / np.float32(255.0) - IMAGENET_MEAN[:, None])
                / IMAGENET_STD[:, None]).astype(np.float32)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
