@@ -15,6 +15,7 @@ import time
 
 import numpy as np
 
+from datasets.transforms import Preprocess
 from models import build_method, check_model_matches, load_model
 from models.backbone import InferenceEngine, model_file_for, save_static
 from models.postprocess import Detector
@@ -34,10 +35,10 @@ def export_model(model_path, save_dir, onnx=False, expect=None, opset=11):
     cfg = state["config"]
     method = build_method(cfg)
     os.makedirs(save_dir, exist_ok=True)
-    size = cfg["crop_size"]
-    model_file = save_static(method.feature_net(state), os.path.join(save_dir, "model"), (3, size, size))
+    shape = Preprocess.from_config(cfg).input_shape
+    model_file = save_static(method.feature_net(state), os.path.join(save_dir, "model"), shape)
     meta = {"format": DEPLOY_FORMAT, "config": cfg, "calibration": state["calibration"],
-            "category": state.get("category"), "input_shape": [3, size, size],
+            "category": state.get("category"), "input_shape": list(shape),
             "stats_keys": sorted(state["stats"])}
     arrays = {f"stats/{k}": np.asarray(v) for k, v in state["stats"].items()}
     with atomic_path(os.path.join(save_dir, STATS_FILE)) as tmp:
@@ -120,7 +121,7 @@ def load_deployed(model_file, params_file, stats_path, backend="paddle", **confi
     else:
         raise UserError(f"unknown --backend {backend}; choose paddle or onnxruntime")
     method = build_method(cfg)
-    detector = Detector.for_method(method, engine, stats, cfg["crop_size"], meta["calibration"])
+    detector = Detector.for_method(method, engine, stats, Preprocess.from_config(cfg).map_size, meta["calibration"])
     probe = np.zeros((1, *meta["input_shape"]), np.float32)
     try:
         outputs = engine(probe)

@@ -12,8 +12,8 @@ import numpy as np
 from tqdm import tqdm
 
 import metrics
-from datasets import iterate_batches, resolve_categories, test_samples, train_samples
-from datasets.transforms import load_and_preprocess
+from datasets import iterate_batches, open_dataset
+from datasets.transforms import Preprocess
 from models import build_method, check_model_matches, load_model, save_model
 from models.backbone import ARCHS, make_engine
 from models.postprocess import Detector
@@ -160,9 +160,9 @@ def model_path_for(args, category):
 
 
 # ---------------------------------------------------------------- per-category work
-def image_batches(samples, args):
+def image_batches(samples, args, preprocess):
     return lambda: (images for _, images, _, _ in
-                    iterate_batches(samples, args.batch_size, args.resize, args.crop_size, workers=args.num_workers))
+                    iterate_batches(samples, args.batch_size, preprocess, workers=args.num_workers))
 
 
 def split_calibration(samples, ratio, seed):
@@ -177,7 +177,8 @@ def split_calibration(samples, ratio, seed):
 
 
 def detector_for(state, engine, method):
-    return Detector.for_method(method, engine, state["stats"], state["config"]["crop_size"], state.get("calibration"))
+    return Detector.for_method(method, engine, state["stats"], Preprocess.from_config(state["config"]).map_size,
+                               state.get("calibration"))
 
 
 def train_category(args, category):
@@ -185,13 +186,15 @@ def train_category(args, category):
     set_seed(args.seed)
     cfg = method_config(args)
     method = build_method(runtime_config(cfg, args))
-    samples = train_samples(args.data_path, category)
+    dataset = open_dataset(args)
+    preprocess = Preprocess.from_config(cfg)
+    samples = dataset.train_samples(category)
     if args.eval:
-        test_samples(args.data_path, category)  # fail on a broken test set before the fit, not after
+        dataset.test_samples(category)  # fail on a broken test set before the fit, not after
     fit_samples, calib_samples = (samples, []) if args.eval else split_calibration(samples, args.calib_ratio, args.seed)
     t0 = time.perf_counter()
     options = method.fit_options(args, category) if hasattr(method, "fit_options") else {}
-    state, engine = method.fit(image_batches(fit_samples, args), engine_kwargs(args),
+    state, engine = method.fit(image_batches(fit_samples, args, preprocess), engine_kwargs(args),
                                args.backbone_weights, progress=not args.no_progress, **options)
     fit_s = time.perf_counter() - t0
     state["config"] = cfg
@@ -201,13 +204,13 @@ def train_category(args, category):
     result = None
     if calib_samples:
         scores, maps = [], []
-        for _, images, _, _ in iterate_batches(calib_samples, args.batch_size, args.resize, args.crop_size):
+        for _, images, _, _ in iterate_batches(calib_samples, args.batch_size, preprocess):
             s, m = detector.raw(images)
             scores.append(s)
             maps.append(m)
         state["calibration"] = normal_calibration(np.concatenate(scores), np.concatenate(maps), len(calib_samples))
     if args.eval:
-        result = evaluate_category(args, category, detector)
+        result = evaluate_category(args, category, detector, preprocess)
         state["calibration"] = result["calibration"]
     result = result or {"category": category}
     result["config"] = cfg
@@ -242,20 +245,21 @@ def normal_calibration(scores, maps, count):
             "source": f"max over {count} held-out normal training images"}
 
 
-def evaluate_category(args, category, detector):
-    """Score the test set; metrics, F1-optimal thresholds, optional pictures."""
-    samples = test_samples(args.data_path, category)
+def evaluate_category(args, category, detector, preprocess):
+    """Score the test set (preprocessed as the model's `preprocess` says); metrics, F1-optimal
+    thresholds, optional pictures."""
+    samples = open_dataset(args).test_samples(category)
     n = len(samples)
-    size = detector.crop_size
-    maps = np.empty((n, size, size), np.float32)
-    masks = np.empty((n, size, size), np.uint8)
+    size = detector.map_size
+    maps = np.empty((n, *size), np.float32)
+    masks = np.empty((n, *size), np.uint8)
     scores = np.empty(n, np.float32)
-    rgbs = np.empty((n, size, size, 3), np.uint8) if args.save_pic or getattr(args, "report", False) else None
+    rgbs = np.empty((n, *size, 3), np.uint8) if args.save_pic or getattr(args, "report", False) else None
     labels = np.array([s.label for s in samples])
     pos = 0
     t0 = time.perf_counter()
     bar = tqdm(total=n, desc=f"test {category}", unit="img", disable=args.no_progress, leave=False)
-    for batch, images, rgb, mask in iterate_batches(samples, args.batch_size, args.resize, args.crop_size,
+    for batch, images, rgb, mask in iterate_batches(samples, args.batch_size, preprocess,
                                                     with_mask=True, workers=args.num_workers):
         s, m = detector.raw(images)
         sl = slice(pos, pos + len(batch))
@@ -368,7 +372,7 @@ def run_categories(args, work, title):
 
 
 def run_each_category(args, work, title, on_result=None):
-    categories = resolve_categories(args.data_path, args.category)
+    categories = open_dataset(args).categories(args.category)
     results, failed = [], []
     for category in categories:
         print(f"[{title}] {category}")
@@ -403,7 +407,7 @@ def load_detector(args, category):
     state = load_model(path)
     check_model_matches(state, method_config(args), path)
     method = build_method(runtime_config(state["config"], args))
-    engine = make_engine(method.feature_net(state), (3, state["config"]["crop_size"], state["config"]["crop_size"]),
+    engine = make_engine(method.feature_net(state), Preprocess.from_config(state["config"]).input_shape,
                          **engine_kwargs(args))
     return state, detector_for(state, engine, method), path
 
@@ -415,8 +419,7 @@ def eval_category(args, category):
         raise UserError(f"{path} has no stored thresholds, which --report shows; evaluate with "
                         f"--update_thresholds True (the default) or train with --eval or --calib_ratio > 0")
     # The model's own preprocessing, whatever flags were given.
-    args.resize, args.crop_size = state["config"]["resize"], state["config"]["crop_size"]
-    result = evaluate_category(args, category, detector)
+    result = evaluate_category(args, category, detector, Preprocess.from_config(state["config"]))
     if args.update_thresholds:
         state["calibration"] = result["calibration"]
         save_model(path, state)
@@ -436,11 +439,11 @@ def predict_images(args, paths):
     state, detector, model_path = load_detector(args, args.category)
     if not state.get("calibration"):
         raise UserError(f"{model_path} has no calibrated thresholds; run eval.py on it first")
-    cfg = state["config"]
+    preprocess = Preprocess.from_config(state["config"])
     records = []
     stems = visualize.output_stems(paths)
     for path in tqdm(paths, desc="predict", unit="img", disable=args.no_progress or len(paths) < 2, leave=False):
-        chw, rgb = load_and_preprocess(path, cfg["resize"], cfg["crop_size"])
+        chw, rgb = preprocess.load(path)
         pred = detector.predict(chw[None])[0]
         records.append(visualize.write_prediction(args.output_dir, path, stems[path], rgb, pred, args.save_pic, args.overwrite))
     return records

@@ -13,7 +13,7 @@ import os
 import numpy as np
 
 import visualize
-from datasets.transforms import list_input_images, load_and_preprocess
+from datasets.transforms import Preprocess, list_input_images
 from deploy import StageTimer, benchmark_report, format_report, load_deployed, now, resolve_files
 from utils import UserError, append_line, run_cli, str2bool, write_text_atomic
 
@@ -46,7 +46,8 @@ def build_parser():
 def predict_batch(detector, cfg, paths, timer):
     """Image files -> ([(chw, rgb)], uniform predictions); the three stages' wall times go to `timer`."""
     t0 = now()
-    loaded = [load_and_preprocess(p, cfg["resize"], cfg["crop_size"]) for p in paths]
+    preprocess = Preprocess.from_config(cfg)
+    loaded = [preprocess.load(p) for p in paths]
     images = np.stack([chw for chw, _ in loaded])
     t1 = now()
     outputs = detector.engine(images)

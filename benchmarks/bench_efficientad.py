@@ -16,6 +16,7 @@ from common import DATA, require_shared, time_per_image
 import paddle  # noqa: E402
 from datasets import test_samples  # noqa: E402
 from datasets.mvtec import iterate_batches  # noqa: E402
+from datasets.transforms import Preprocess  # noqa: E402
 from models import load_model  # noqa: E402
 from models.backbone import EagerEngine, make_engine  # noqa: E402
 from models.efficientad import EfficientAD  # noqa: E402
@@ -44,7 +45,7 @@ def main():
     require_shared()
     paddle.set_device("cpu")
     samples = test_samples(DATA, "bottle")[: args.images]
-    images = np.concatenate([b[1] for b in iterate_batches(samples, 8, IMAGE_SIZE, IMAGE_SIZE)])
+    images = np.concatenate([b[1] for b in iterate_batches(samples, 8, Preprocess(IMAGE_SIZE, IMAGE_SIZE))])
     for size, path in (("small", args.small), ("medium", args.medium)):
         net, stats, weights = build(size, path)
         eager = EagerEngine(net)

@@ -51,10 +51,11 @@ def bench_fit():
     floor = make_engine(bare_backbone(), (3, 224, 224), cpu_threads=2)
     bare_s = time_all(lambda: run_in_chunks(floor, images))
     cfg = dict(method="ortho", arch="resnet18", k=100, seed=521, resize=256, crop_size=224)
+    from datasets.transforms import Preprocess
     from engine import image_batches
     args = argparse.Namespace(batch_size=8, resize=256, crop_size=224, num_workers=2)
     t0 = time.perf_counter()
-    state, engine = PaDiM(cfg).fit(image_batches(samples, args), dict(engine="inference", cpu_threads=2), WEIGHTS,
+    state, engine = PaDiM(cfg).fit(image_batches(samples, args, Preprocess.from_config(cfg)), dict(engine="inference", cpu_threads=2), WEIGHTS,
                                    progress=False)
     fit_s = time.perf_counter() - t0
     print(f"fit R18 ortho k=100 on bottle ({len(samples)} images, 224^2, 2 threads): {fit_s:.2f} s "
@@ -77,8 +78,9 @@ def bench_pro(state, engine):
     detector = Detector.for_method(PaDiM, engine, state["stats"], 224)
     samples = test_samples(DATA, "bottle")
     from datasets import iterate_batches
+    from datasets.transforms import Preprocess
     maps, masks = [], []
-    for _, images, _, mask in iterate_batches(samples, 8, 256, 224, with_mask=True):
+    for _, images, _, mask in iterate_batches(samples, 8, Preprocess(), with_mask=True):
         maps.append(detector.raw(images)[1])
         masks.append(mask)
     maps, masks = np.concatenate(maps), np.concatenate(masks)

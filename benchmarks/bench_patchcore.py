@@ -15,6 +15,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from datasets import iterate_batches, test_samples, train_samples
+from datasets.transforms import Preprocess
 from models.patchcore import PatchCore
 from utils import run_cli, set_seed
 
@@ -44,7 +45,7 @@ def main(argv=None):
     method = PatchCore(config)
     _, engine = method.feature_engine(args.backbone_weights, {"engine": "inference"})
     train = train_samples(args.data_path, args.category)
-    parts = method.training_rows(engine, (x for _, x, _, _ in iterate_batches(train, 8, 256, 224)))
+    parts = method.training_rows(engine, (x for _, x, _, _ in iterate_batches(train, 8, Preprocess())))
     n_patches = sum(len(p) for p in parts)
 
     t0 = time.perf_counter()
@@ -54,7 +55,7 @@ def main(argv=None):
           f"({os.cpu_count()} cores)")
 
     tests = test_samples(args.data_path, args.category)[:args.images]
-    images = [x[i:i + 1] for _, x, _, _ in iterate_batches(tests, 8, 256, 224) for i in range(len(x))]
+    images = [x[i:i + 1] for _, x, _, _ in iterate_batches(tests, 8, Preprocess()) for i in range(len(x))]
     forward_ms = per_image_ms(engine, images)
     outputs = [engine(x) for x in images]
     stats = {"memory_bank": bank}

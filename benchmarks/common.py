@@ -22,7 +22,8 @@ def require_shared():
 
 def load_images(samples, resize=256, crop_size=224):
     from datasets import iterate_batches
-    return np.concatenate([b[1] for b in iterate_batches(samples, 16, resize, crop_size)])
+    from datasets.transforms import Preprocess
+    return np.concatenate([b[1] for b in iterate_batches(samples, 16, Preprocess(resize, crop_size))])
 
 
 def bare_backbone(arch="resnet18", weights=WEIGHTS, layers=("layer1", "layer2", "layer3")):

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from datasets.transforms import is_image_file, load_mask, load_rgb, preprocess_image, preprocess_mask
+from datasets.transforms import is_image_file, load_mask, load_rgb
 from utils import UserError
 
 MVTEC_TEXTURES = ["carpet", "grid", "leather", "tile", "wood"]
@@ -44,6 +44,23 @@ def resolve_categories(data_path, category):
         raise UserError(f"category not found: {', '.join(missing)} under {data_path}; "
                         f"categories found: {', '.join(present)}")
     return wanted
+
+
+class MVTecDataset:
+    """The data source behind train/eval: categories, and each one's training and test samples.
+    Another folder layout is another class with these three methods (datasets.open_dataset)."""
+
+    def __init__(self, data_path):
+        self.data_path = data_path
+
+    def categories(self, selection):
+        return resolve_categories(self.data_path, selection)
+
+    def train_samples(self, category):
+        return train_samples(self.data_path, category)
+
+    def test_samples(self, category):
+        return test_samples(self.data_path, category)
 
 
 @dataclass
@@ -91,30 +108,31 @@ def test_samples(data_path, category):
     return samples
 
 
-def load_sample(sample, resize, crop_size, with_mask):
-    """-> (chw float32, rgb uint8 crop, mask uint8 or None)."""
+def load_sample(sample, preprocess, with_mask):
+    """-> (chw float32, rgb uint8 as the network sees it, mask uint8 or None); `preprocess`:
+    the model's datasets.transforms.Preprocess."""
     img = load_rgb(sample.image_path)
-    chw, rgb = preprocess_image(img, resize, crop_size)
+    chw, rgb = preprocess.image(img)
     mask = None
     if with_mask:
         if sample.mask_path is None:
-            mask = np.zeros((crop_size, crop_size), np.uint8)
+            mask = np.zeros(preprocess.map_size, np.uint8)
         else:
             m = load_mask(sample.mask_path)
             if m.size != img.size:
                 raise UserError(f"mask {sample.mask_path} is {m.size[0]}x{m.size[1]} but its image "
                                 f"{sample.image_path} is {img.size[0]}x{img.size[1]}")
-            mask = preprocess_mask(m, resize, crop_size)
+            mask = preprocess.mask(m)
     return chw, rgb, mask
 
 
-def iterate_batches(samples, batch_size, resize, crop_size, with_mask=False, workers=2):
+def iterate_batches(samples, batch_size, preprocess, with_mask=False, workers=2):
     """Yield (samples, images NCHW, rgbs, masks) batches; images are decoded in a thread pool
     one batch ahead so that decoding overlaps the network."""
     chunks = [samples[i:i + batch_size] for i in range(0, len(samples), batch_size)]
 
     def load(chunk):
-        parts = [load_sample(s, resize, crop_size, with_mask) for s in chunk]
+        parts = [load_sample(s, preprocess, with_mask) for s in chunk]
         images = np.stack([p[0] for p in parts])
         rgbs = np.stack([p[1] for p in parts])
         masks = np.stack([p[2] for p in parts]) if with_mask else None

@@ -3,6 +3,7 @@
 One implementation so that every entry point feeds the network identical tensors.
 """
 import os
+from dataclasses import dataclass
 
 import numba
 import numpy as np
@@ -131,6 +132,40 @@ def preprocess_mask(mask, resize, crop_size):
 
 def load_and_preprocess(path, resize, crop_size):
     return preprocess_image(load_rgb(path), resize, crop_size)
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """A model's input geometry: what every entry point (fit, eval, predict, infer.py, a service)
+    does to an image before the network. Built from the model's saved config (`from_config`),
+    so a model file or an export carries its own preprocessing."""
+    resize: int = 256
+    crop_size: int = 224
+
+    @classmethod
+    def from_config(cls, cfg):
+        return cls(int(cfg["resize"]), int(cfg["crop_size"]))
+
+    @property
+    def map_size(self):
+        """(H, W) of the preprocessed image, the anomaly map and the mask."""
+        return self.crop_size, self.crop_size
+
+    @property
+    def input_shape(self):
+        """[C, H, W] of one network input."""
+        return (3, *self.map_size)
+
+    def image(self, img):
+        """PIL RGB -> (float32 CHW, uint8 HWC as the network sees it)."""
+        return preprocess_image(img, self.resize, self.crop_size)
+
+    def mask(self, mask):
+        """PIL 'L' mask of the original image -> {0,1} uint8 [H, W] aligned with the map."""
+        return preprocess_mask(mask, self.resize, self.crop_size)
+
+    def load(self, path):
+        return self.image(load_rgb(path))
 
 
 def denormalize(chw):

@@ -25,6 +25,11 @@ LAYER_CHANNELS = {
     "wide_resnet50_2": (256, 512, 1024, 2048),
 }
 STEM = ("conv1", "bn1")
+# Shipped in the repository so that a machine without internet runs with no flags: torchvision's
+# ImageNet ResNet-18 (BSD-3-Clause), stem + layer1-3, each BatchNorm folded into an exact affine
+# (weights/README.md). Other archs download paddle.vision's weights.
+BUNDLED_WEIGHTS = {"resnet18": os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                            "weights", "resnet18_imagenet_layer1-3.pdparams")}
 
 
 def build_resnet(arch):
@@ -54,6 +59,8 @@ def read_backbone_weights(arch, weights_path, layers):
         state = load_pdparams(weights_path, "backbone weights")
         if not isinstance(state, dict):
             raise UserError(f"backbone weights {weights_path} are not a state dict")
+    elif arch in BUNDLED_WEIGHTS:
+        state = load_pdparams(BUNDLED_WEIGHTS[arch], "bundled backbone weights")
     else:
         state = _official_state_dict(arch)
     wanted = build_resnet(arch).state_dict()

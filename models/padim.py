@@ -27,6 +27,7 @@ import paddle.nn.functional as F
 from threadpoolctl import ThreadpoolController
 from tqdm import tqdm
 
+from datasets.transforms import Preprocess
 from models.backbone import ResNetFeatures, concat_to_first, make_engine
 from utils import UserError
 
@@ -295,7 +296,7 @@ class PaDiM:
     def fit(self, batches, engine_kwargs, weights_path, progress=True):
         """`batches`: a callable returning a fresh iterator of image batches (svd_ortho reads twice)."""
         cfg = self.config
-        shape = (3, cfg["crop_size"], cfg["crop_size"])
+        shape = Preprocess.from_config(cfg).input_shape
         net = PaDiMFeatureNet(cfg["arch"])
         net.backbone.load_pretrained(weights_path)
         gram = None

@@ -22,6 +22,7 @@ import paddle.nn.functional as F
 from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
+from datasets.transforms import Preprocess
 from models.backbone import ResNetFeatures, make_engine
 from models.padim import make_projection, over_positions, run_in_chunks
 from utils import UserError
@@ -296,8 +297,7 @@ class PatchCore:
         """-> (feature net with the backbone weights, its engine)."""
         net = PatchCoreFeatureNet(self.config["arch"])
         net.backbone.load_pretrained(weights_path)
-        size = self.config["crop_size"]
-        engine = make_engine(net, (3, size, size), **engine_kwargs)
+        engine = make_engine(net, Preprocess.from_config(self.config).input_shape, **engine_kwargs)
         return net, engine
 
     @staticmethod

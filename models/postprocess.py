@@ -54,11 +54,13 @@ def map_operator(in_size, out_size, sigma):
 
 
 def anomaly_maps(patch_scores, out_size, sigma=BLUR_SIGMA):
-    """[B, h, w] patch scores -> [B, S, S] maps: bilinear upsample (half-pixel centres, like
-    F.interpolate(align_corners=False)) then a Gaussian blur with sigma 4 (map_operator)."""
+    """[B, h, w] patch scores -> [B, H, W] maps (`out_size`: (H, W), or S for S x S): bilinear
+    upsample (half-pixel centres, like F.interpolate(align_corners=False)) then a Gaussian blur
+    with sigma 4 (map_operator)."""
+    out_h, out_w = (out_size, out_size) if np.isscalar(out_size) else out_size
     patch_scores = np.asarray(patch_scores, np.float32)
-    rows = map_operator(patch_scores.shape[1], out_size, float(sigma))
-    cols = map_operator(patch_scores.shape[2], out_size, float(sigma))
+    rows = map_operator(patch_scores.shape[1], int(out_h), float(sigma))
+    cols = map_operator(patch_scores.shape[2], int(out_w), float(sigma))
     return np.ascontiguousarray(np.matmul(np.matmul(rows, patch_scores), cols.T), dtype=np.float32)
 
 
@@ -70,7 +72,7 @@ def normalize(values, threshold, low, high):
 
 
 class Detector:
-    """images [B,3,S,S] -> raw image scores and maps, and the calibrated uniform output.
+    """images [B,3,H,W] -> raw image scores and maps, and the calibrated uniform output.
 
     `engine`: callable images -> list of feature arrays (Paddle Inference, eager, or ONNX Runtime);
     `score`: the method's pure-numpy scorer (outputs, stats) -> [B, h, w] patch scores;
@@ -78,37 +80,37 @@ class Detector:
     is not the map maximum (PatchCore's re-weighting).
     """
 
-    def __init__(self, engine, score, stats, crop_size, calibration=None, blur_sigma=BLUR_SIGMA, image_score=None):
+    def __init__(self, engine, score, stats, map_size, calibration=None, blur_sigma=BLUR_SIGMA, image_score=None):
         self.engine = engine
         self.score = score
         self.image_score = image_score
         self.stats = stats
-        self.crop_size = crop_size
+        self.map_size = tuple(map_size)  # (H, W) of the maps: the preprocessed image's size
         self.calibration = calibration
         self.blur_sigma = blur_sigma
 
     @classmethod
-    def for_method(cls, method, engine, stats, crop_size, calibration=None):
+    def for_method(cls, method, engine, stats, map_size, calibration=None):
         """The detector of a method: its scorer, image score and blur. Every entry point builds
         it here, so none can pair a method with another's post-processing."""
-        return cls(engine, method.score, stats, crop_size, calibration, image_score=getattr(method, "image_score", None),
+        return cls(engine, method.score, stats, map_size, calibration, image_score=getattr(method, "image_score", None),
                    blur_sigma=getattr(method, "blur_sigma", BLUR_SIGMA))
 
     def raw(self, images, chunk=1):
-        """-> (image scores [B], maps [B,S,S]). Batch 1 through the engine is the fastest on
+        """-> (image scores [B], maps [B,H,W]). Batch 1 through the engine is the fastest on
         CPU, so larger batches are fed in chunks."""
         parts = [self.postprocess(self.engine(images[i:i + chunk])) for i in range(0, len(images), chunk)]
         return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
     def postprocess(self, outputs):
-        """Engine outputs -> (image scores [B], maps [B,S,S]); image score = map maximum
+        """Engine outputs -> (image scores [B], maps [B,H,W]); image score = map maximum
         unless the method supplies `image_score`."""
         # One BLAS thread per caller: the scorers parallelise over positions themselves, and
         # BLAS worker threads, which spin for a while after each product, would take the
         # cores from the next image's oneDNN forward (PatchCore's forward ran 2.7x slower).
         with _BLAS.limit(limits=1, user_api="blas"):
             patch_scores = self.score(outputs, self.stats)
-            maps = anomaly_maps(patch_scores, self.crop_size, self.blur_sigma)
+            maps = anomaly_maps(patch_scores, self.map_size, self.blur_sigma)
             if self.image_score is not None:
                 return self.image_score(outputs, patch_scores, self.stats), maps
             return maps.reshape(len(maps), -1).max(axis=1), maps

@@ -23,7 +23,7 @@ CORESET = ["--method", "coreset", "--arch", "resnet18", "--coreset_ratio", "0.1"
 
 
 def config(**kw):
-    return {"method": "coreset", "arch": "resnet18", "seed": 0, "crop_size": 224, "coreset_ratio": 0.1,
+    return {"method": "coreset", "arch": "resnet18", "seed": 0, "resize": 256, "crop_size": 224, "coreset_ratio": 0.1,
             "num_neighbors": 9, **kw}
 
 

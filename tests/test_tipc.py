@@ -132,10 +132,11 @@ def test_synthetic_set_has_the_mvtec_layout(tmp_path):
                     "--n_train", "5", "--n_test", "2", "--size", "64"], check=True, capture_output=True)
     from datasets import test_samples, train_samples
     from datasets.mvtec import load_sample
+    from datasets.transforms import Preprocess
     assert len(train_samples(str(out), "bottle")) == 5
     samples = test_samples(str(out), "bottle")
     assert sorted({s.defect_type for s in samples}) == ["broken_large", "contamination", "good"]
     assert len(samples) == 6
     for s in samples:
-        _, _, mask = load_sample(s, 64, 64, with_mask=True)
+        _, _, mask = load_sample(s, Preprocess(64, 64), with_mask=True)
         assert (mask.max() > 0) == bool(s.label)
