@@ -19,9 +19,10 @@ from models.backbone import ARCHS, make_engine
 from models.postprocess import Detector
 from utils import (UserError, dumps_json, fmt, format_table, peak_rss_mb, set_seed, str2bool,
                    write_csv_atomic, write_text_atomic)
+import report
+from results import RESULT_HEADER, run_name
 import visualize
 
-RESULT_HEADER = ["category", "image_AUROC", "pixel_AUROC", "PRO"]
 # efficientad --lite: 128 px student crops, 600 steps in a 13 min time box (bottle, 2 CPU cores:
 # 1.3 s/step; teacher pass and evaluation bring the run to ~15 min)
 LITE_STEPS, LITE_MINUTES, LITE_CROP = 600, 13.0, 128
@@ -118,14 +119,6 @@ def apply_method_defaults(args):
     if args.train_steps < 1:
         raise UserError(f"--train_steps must be at least 1, got {args.train_steps}")
     check_train_crop(getattr(args, "train_crop", None))
-
-
-def run_name(args):
-    if args.method == "coreset":
-        return f"coreset_{args.arch}_r{args.coreset_ratio:g}"
-    if args.method == "efficientad":
-        return f"efficientad_{args.model_size}"
-    return f"{args.method}_{args.arch}_k{args.k}"
 
 
 def method_config(args):
@@ -360,10 +353,9 @@ def write_category_metrics(save_path, result):
 def run_categories(args, work, title):
     """Run `work(args, category)` over the selected categories. A failing category is reported
     and skipped; the finished ones keep their models and rows. Exit code 1 if any failed.
-    With --report, report.py takes each category as it finishes and swaps the report in at the end."""
+    With --report, the report package takes each category as it finishes and swaps the report in at the end."""
     if not getattr(args, "report", False):
         return run_each_category(args, work, title)
-    import report  # lazily: report imports engine
     with report.ReportBuilder(args.save_path, args.data_path, progress=not args.no_progress) as builder:
         code = run_each_category(args, work, title, on_result=builder.add)
         if builder.categories:
@@ -425,7 +417,6 @@ def eval_category(args, category):
         save_model(path, state)
         print(f"  stored F1-optimal thresholds in {path}")
     elif keeps_stored:
-        import report  # lazily: report imports engine
         report.apply_thresholds(result, state["calibration"])  # the report shows what predict.py outputs
     result["config"] = state["config"]
     return result
