@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import engine
 import eval as eval_script
 import metrics
 import report
@@ -30,12 +31,15 @@ FAKE_CATEGORIES = [
     ("beta", 288, [("good", 1), ("good", 2), ("crack", 2.5), ("crack", 5)], 3.0),
 ]
 FAKE_IMAGES = sum(len(images) for _, _, images, _ in FAKE_CATEGORIES)
+# Image labels only (no masks): outcomes TN TN FP FN TP TP at the threshold 5.
+NO_MASK_CATEGORY = ("gamma", 64, [("good", 1), ("good", 2), ("good", 6), ("dent", 4), ("dent", 7), ("dent", 8)], 5.0)
 TINY = ["--resize", "64", "--crop_size", "64", "--no_progress", "--method", "ortho"]
 
 
 # ---------------------------------------------------------------- helpers
-def fake_result(category, size, images, threshold, data_root, seed):
-    """What evaluate_category returns with the report flag, for hand-picked scores."""
+def fake_result(category, size, images, threshold, data_root, seed, no_masks=False):
+    """What evaluate_category returns with the report flag, for hand-picked scores; `no_masks`:
+    as for a category whose defective images have no masks (image labels only)."""
     rng = np.random.RandomState(seed)
     n = len(images)
     scores = np.array([s for _, s in images], np.float32)
@@ -43,13 +47,23 @@ def fake_result(category, size, images, threshold, data_root, seed):
     rgbs = np.stack([cv2.resize((rng.rand(8, 8, 3) * 255).astype(np.uint8), (size, size)) for _ in range(n)])
     maps = np.stack([cv2.resize(rng.rand(8, 8).astype(np.float32), (size, size)) for _ in range(n)])
     masks = np.zeros((n, size, size), np.uint8)
-    for i in np.flatnonzero(labels):
+    for i in np.flatnonzero(labels) if not no_masks else []:
         y, x = rng.randint(4, size // 2, 2)
         masks[i, y:y + size // 4, x:x + size // 4] = 1
         maps[i][masks[i] > 0] += 1.0
     calibration = {"image_threshold": threshold, "image_min": float(scores.min()), "image_max": float(scores.max()),
                    "pixel_threshold": 0.9, "pixel_min": 0.0, "pixel_max": float(maps.max()), "source": "test"}
     names = [f"{i:03d}.png" for i in range(n)]
+    if no_masks:
+        return {"category": category, "no_masks": True, "image_AUROC": metrics.auroc(labels, scores),
+                "pixel_AUROC": None, "PRO": None, "calibration": calibration,
+                "image_report": metrics.classification_report(labels, scores, threshold), "pixel_report": None,
+                "config": {"method": "ortho", "arch": "resnet18", "k": 100},
+                "predictions": [{"image_path": os.path.join(data_root, category, "test", d, name), "defect_type": d,
+                                 "label": int(l), "raw_score": float(s)}
+                                for (d, s), l, name in zip(images, labels, names)],
+                "arrays": {"scores": scores, "maps": maps, "masks": masks, "labels": labels, "rgbs": rgbs,
+                           "pro_curve": None}}
     return {"category": category, "image_AUROC": metrics.auroc(labels, scores),
             "pixel_AUROC": metrics.auroc(masks, maps), "PRO": metrics.pro_auc(masks, maps),
             "calibration": calibration,
@@ -66,6 +80,16 @@ def fake_result(category, size, images, threshold, data_root, seed):
 
 def build_fake_report(save_path, data_root, categories=FAKE_CATEGORIES):
     results = [fake_result(*c, data_root, seed) for seed, c in enumerate(categories)]
+    with report.ReportBuilder(save_path, data_root, progress=False) as builder:
+        for r in results:
+            builder.add(r)
+        builder.finish()
+    return results
+
+
+def build_no_mask_report(save_path, data_root):
+    """alpha (masks) and gamma (no masks) in one report."""
+    results = [fake_result(*FAKE_CATEGORIES[0], data_root, 0), fake_result(*NO_MASK_CATEGORY, data_root, 1, True)]
     with report.ReportBuilder(save_path, data_root, progress=False) as builder:
         for r in results:
             builder.add(r)
@@ -103,6 +127,11 @@ def card_count(page):
 
 def table_cell(page, row_class, column):
     row = re.search(rf'<tr class="{row_class}">(.*?)</tr>', page).group(1)
+    return re.search(rf'<td data-col="{column}">([^<]*)</td>', row).group(1)
+
+
+def category_cell(page, category, column):
+    row = re.search(rf'<tr><td data-col="category">{category}</td>(.*?)</tr>', page).group(1)
     return re.search(rf'<td data-col="{column}">([^<]*)</td>', row).group(1)
 
 
@@ -162,6 +191,68 @@ def test_report_folder_is_replaced_whole(tmp_path):
             raise RuntimeError("interrupted")
     assert len(read_predictions(save)) == len(FAKE_CATEGORIES[0][2])
     assert sorted(os.listdir(save)) == ["report"], "temporary folders left behind"
+
+
+def test_report_of_a_category_without_masks(tmp_path):
+    data_root, save = str(tmp_path / "data"), str(tmp_path / "run")
+    results = build_no_mask_report(save, data_root)
+    page, records = read_page(save), read_predictions(save)
+    assert_portable(save, str(tmp_path))
+    n_alpha, n_gamma = len(FAKE_CATEGORIES[0][2]), len(NO_MASK_CATEGORY[2])
+    assert len(records) == card_count(page) == n_alpha + n_gamma
+    gamma = [r for r in records if r["category"] == "gamma"]
+    assert [r["outcome"] for r in gamma] == ["TN", "TN", "FP", "FN", "TP", "TP"]
+    for column in ("pixel_AUROC", "PRO", "pixel_F1"):
+        assert category_cell(page, "gamma", column) == "no masks"
+        assert category_cell(page, "alpha", column) not in ("", "no masks")
+        assert table_cell(page, "total", column) == ""  # no mean over a category without the metric
+    assert category_cell(page, "gamma", "image_AUROC") == f"{results[1]['image_AUROC']:.4f}"
+    assert category_cell(page, "gamma", "pixel_threshold") == "0.9000"  # calibrated on normal images
+    assert int(table_cell(page, "total", "FN")) == 1 + 1  # alpha, gamma
+    plots = os.path.join(save, "report", "plots")
+    assert sorted(os.listdir(os.path.join(plots, "gamma"))) == ["histogram.png", "roc.png"]
+    assert sorted(os.listdir(os.path.join(plots, "alpha"))) == ["histogram.png", "pro.png", "roc.png"]
+    assert "gamma: no masks, so no PRO curve" in page and "gamma: no masks (image labels only)" in page
+    alts = dict(re.findall(r'data-category="(\w+)"[^>]*><div class="imgs"><img [^>]* alt="([^"]*)"', page))
+    assert alts == {"alpha": "image + ground truth", "gamma": "image"}
+    # a model's stored thresholds applied to it: image counts recomputed, no pixel counts
+    stored = dict(results[1]["calibration"], image_threshold=6.5)
+    report.apply_thresholds(results[1], stored)
+    assert results[1]["pixel_report"] is None
+    assert {k: results[1]["image_report"][k] for k in report.OUTCOMES} == {"TP": 2, "FP": 0, "FN": 1, "TN": 3}
+
+
+def test_compare_shows_no_masks(tmp_path):
+    """Runs written by the engine's own writers: a masked run (alpha without PRO, gamma with
+    masks) against image-label runs of gamma."""
+    data_root = str(tmp_path / "data")
+    runs = {name: str(tmp_path / name) for name in ("masked", "labels", "labels2")}
+    alpha = fake_result(*FAKE_CATEGORIES[0], data_root, 0)
+    alpha["PRO"] = None  # evaluated without --eval_PRO: blank, not "no masks"
+    for name, results in (("masked", [alpha, fake_result(*NO_MASK_CATEGORY, data_root, 1)]),
+                          ("labels", [fake_result(*NO_MASK_CATEGORY, data_root, 1, True)]),
+                          ("labels2", [fake_result(*NO_MASK_CATEGORY, data_root, 2, True)])):
+        for r in results:
+            engine.write_category_metrics(runs[name], r)
+        engine.write_results(runs[name], results)
+    out = str(tmp_path / "cmp")
+    assert eval_script.main(["--compare", runs["masked"], runs["labels"], "--save_path", out]) == 0
+    table = {r["category"]: r for r in read_csv(os.path.join(out, "comparison.csv"))}
+    masked = {r["category"]: r for r in read_csv(os.path.join(runs["masked"], "results.csv"))}
+    assert table["gamma"]["labels:pixel_AUROC"] == table["gamma"]["labels:PRO"] == "no masks"
+    assert table["gamma"]["masked:pixel_AUROC"] == masked["gamma"]["pixel_AUROC"] != ""
+    assert table["gamma"]["labels:image_AUROC"] == table["gamma"]["masked:image_AUROC"] != ""
+    assert table["gamma"]["best:pixel_AUROC"] == ""  # one value: nothing to compare it with
+    assert table["gamma"]["best:image_AUROC"] == "masked+labels"
+    assert table["alpha"]["masked:PRO"] == "" and table["mean"]["labels:pixel_AUROC"] == ""
+    md = open(os.path.join(out, "comparison.md")).read()
+    assert "no masks: gamma" in md and "| no masks |" in md
+    assert "<td>no masks</td>" in open(os.path.join(out, "comparison.html")).read()
+
+    out2 = str(tmp_path / "cmp2")  # only image-label runs: the pixel columns stay, saying why they are empty
+    assert eval_script.main(["--compare", runs["labels"], runs["labels2"], "--save_path", out2]) == 0
+    row = read_csv(os.path.join(out2, "comparison.csv"))[0]
+    assert row["category"] == "gamma" and row["labels2:PRO"] == row["labels:pixel_AUROC"] == "no masks"
 
 
 # ---------------------------------------------------------------- real runs on synthetic data
@@ -354,6 +445,24 @@ def test_page_in_browser(browser, tmp_path):
     browser.execute_script("window.scrollTo(0, 0)")
     for path in (str(tmp_path / "report.png"), SCREENSHOT_COPY):
         assert browser.save_screenshot(path)
+    assert console_errors(browser) == []
+
+
+def test_no_mask_page_in_browser(browser, tmp_path):
+    save = str(tmp_path / "run")
+    build_no_mask_report(save, str(tmp_path / "data"))
+    open_report(browser, save)
+    n_alpha, n_gamma = len(FAKE_CATEGORIES[0][2]), len(NO_MASK_CATEGORY[2])
+    assert len(visible_cards(browser)) == n_alpha + n_gamma
+    assert load_all_images(browser) == []
+    choose(browser, "filter-category", "gamma")
+    assert [c[:2] for c in visible_cards(browser)] == [["gamma", o] for o in ("TN", "TN", "FP", "FN", "TP", "TP")]
+    choose(browser, "filter-outcome", "TP")
+    assert len(visible_cards(browser)) == 2
+    choose(browser, "filter-defect", "dent")
+    assert len(visible_cards(browser)) == 2
+    choose(browser, "filter-outcome", "FP")
+    assert visible_cards(browser) == []
     assert console_errors(browser) == []
 
 
