@@ -18,6 +18,12 @@ def save_plot(fig, path):
     plt.close(fig)
 
 
+def save_rate_plot(fig, ax, path, title, xlabel, ylabel):
+    """A curve of rates: both axes from 0 to 1."""
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel, xlim=(0, 1), ylim=(0, 1.02))
+    save_plot(fig, path)
+
+
 def note(ax, text):
     ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, color="0.4")
 
@@ -54,9 +60,8 @@ def write_plots(root, category, result):
         ax.legend(fontsize=7, loc="lower right")
     else:
         note(ax, "one class only: no ROC")
-    ax.set(title=f"{category}: image ROC", xlabel="false positive rate", ylabel="true positive rate",
-           xlim=(0, 1), ylim=(0, 1.02))
-    save_plot(fig, os.path.join(root, files["roc"]))
+    save_rate_plot(fig, ax, os.path.join(root, files["roc"]), f"{category}: image ROC", "false positive rate",
+                   "true positive rate")
 
     if result.get("no_masks"):
         files["pro"] = None
@@ -72,7 +77,6 @@ def write_plots(root, category, result):
         ax.legend(fontsize=7, loc="lower right")
     else:
         note(ax, "no defect regions: no PRO")
-    ax.set(title=f"{category}: per-region overlap", xlabel="false positive rate (pixels)", ylabel="PRO",
-           xlim=(0, 1), ylim=(0, 1.02))
-    save_plot(fig, os.path.join(root, files["pro"]))
+    save_rate_plot(fig, ax, os.path.join(root, files["pro"]), f"{category}: per-region overlap",
+                   "false positive rate (pixels)", "PRO")
     return files

@@ -33,6 +33,7 @@ FAKE_CATEGORIES = [
 FAKE_IMAGES = sum(len(images) for _, _, images, _ in FAKE_CATEGORIES)
 # Image labels only (no masks): outcomes TN TN FP FN TP TP at the threshold 5.
 NO_MASK_CATEGORY = ("gamma", 64, [("good", 1), ("good", 2), ("good", 6), ("dent", 4), ("dent", 7), ("dent", 8)], 5.0)
+MIXED_CATEGORIES = [FAKE_CATEGORIES[0], NO_MASK_CATEGORY]  # alpha with masks, gamma without
 TINY = ["--resize", "64", "--crop_size", "64", "--no_progress", "--method", "ortho"]
 
 
@@ -54,42 +55,25 @@ def fake_result(category, size, images, threshold, data_root, seed, no_masks=Fal
     calibration = {"image_threshold": threshold, "image_min": float(scores.min()), "image_max": float(scores.max()),
                    "pixel_threshold": 0.9, "pixel_min": 0.0, "pixel_max": float(maps.max()), "source": "test"}
     names = [f"{i:03d}.png" for i in range(n)]
-    if no_masks:
-        return {"category": category, "no_masks": True, "image_AUROC": metrics.auroc(labels, scores),
-                "pixel_AUROC": None, "PRO": None, "calibration": calibration,
-                "image_report": metrics.classification_report(labels, scores, threshold), "pixel_report": None,
-                "config": {"method": "ortho", "arch": "resnet18", "k": 100},
-                "predictions": [{"image_path": os.path.join(data_root, category, "test", d, name), "defect_type": d,
-                                 "label": int(l), "raw_score": float(s)}
-                                for (d, s), l, name in zip(images, labels, names)],
-                "arrays": {"scores": scores, "maps": maps, "masks": masks, "labels": labels, "rgbs": rgbs,
-                           "pro_curve": None}}
     return {"category": category, "image_AUROC": metrics.auroc(labels, scores),
-            "pixel_AUROC": metrics.auroc(masks, maps), "PRO": metrics.pro_auc(masks, maps),
-            "calibration": calibration,
+            "pixel_AUROC": None if no_masks else metrics.auroc(masks, maps),
+            "PRO": None if no_masks else metrics.pro_auc(masks, maps), "calibration": calibration,
             "image_report": metrics.classification_report(labels, scores, threshold),
-            "pixel_report": metrics.classification_report(masks, maps, calibration["pixel_threshold"]),
+            "pixel_report": None if no_masks else metrics.classification_report(masks, maps,
+                                                                                 calibration["pixel_threshold"]),
             "config": {"method": "ortho", "arch": "resnet18", "k": 100, "seed": 521, "resize": size,
                        "crop_size": size, "backbone_weights": "resnet18.pdparams"},
             "predictions": [{"image_path": os.path.join(data_root, category, "test", d, name), "defect_type": d,
                              "label": int(l), "raw_score": float(s)}
                             for (d, s), l, name in zip(images, labels, names)],
             "arrays": {"scores": scores, "maps": maps, "masks": masks, "labels": labels, "rgbs": rgbs,
-                       "pro_curve": metrics.pro_curve(masks, maps)[:2]}}
+                       "pro_curve": None if no_masks else metrics.pro_curve(masks, maps)[:2]},
+            **({"no_masks": True} if no_masks else {})}
 
 
-def build_fake_report(save_path, data_root, categories=FAKE_CATEGORIES):
-    results = [fake_result(*c, data_root, seed) for seed, c in enumerate(categories)]
-    with report.ReportBuilder(save_path, data_root, progress=False) as builder:
-        for r in results:
-            builder.add(r)
-        builder.finish()
-    return results
-
-
-def build_no_mask_report(save_path, data_root):
-    """alpha (masks) and gamma (no masks) in one report."""
-    results = [fake_result(*FAKE_CATEGORIES[0], data_root, 0), fake_result(*NO_MASK_CATEGORY, data_root, 1, True)]
+def build_fake_report(save_path, data_root, categories=FAKE_CATEGORIES, no_masks=()):
+    """`no_masks`: names of the categories evaluated without masks."""
+    results = [fake_result(*c, data_root, seed, c[0] in no_masks) for seed, c in enumerate(categories)]
     with report.ReportBuilder(save_path, data_root, progress=False) as builder:
         for r in results:
             builder.add(r)
@@ -195,7 +179,7 @@ def test_report_folder_is_replaced_whole(tmp_path):
 
 def test_report_of_a_category_without_masks(tmp_path):
     data_root, save = str(tmp_path / "data"), str(tmp_path / "run")
-    results = build_no_mask_report(save, data_root)
+    results = build_fake_report(save, data_root, MIXED_CATEGORIES, no_masks={"gamma"})
     page, records = read_page(save), read_predictions(save)
     assert_portable(save, str(tmp_path))
     n_alpha, n_gamma = len(FAKE_CATEGORIES[0][2]), len(NO_MASK_CATEGORY[2])
@@ -450,7 +434,7 @@ def test_page_in_browser(browser, tmp_path):
 
 def test_no_mask_page_in_browser(browser, tmp_path):
     save = str(tmp_path / "run")
-    build_no_mask_report(save, str(tmp_path / "data"))
+    build_fake_report(save, str(tmp_path / "data"), MIXED_CATEGORIES, no_masks={"gamma"})
     open_report(browser, save)
     n_alpha, n_gamma = len(FAKE_CATEGORIES[0][2]), len(NO_MASK_CATEGORY[2])
     assert len(visible_cards(browser)) == n_alpha + n_gamma
