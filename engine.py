@@ -201,7 +201,7 @@ def train_category(args, category):
     dataset = open_dataset(args)
     preprocess = Preprocess.from_config(cfg)
     samples = dataset.train_samples(category)
-    # A broken image or mask fails before the fit, not after (PNG CRCs: ~1% of the fit's decoding).
+    # A broken image or mask fails before the fit, not after (PNG CRCs: ~1/6 of decoding them; bench_verify.py).
     check_samples(samples + (dataset.test_samples(category) if args.eval else []), args.num_workers)
     fit_samples, calib_samples = (samples, []) if args.eval else split_calibration(samples, args.calib_ratio, args.seed)
     t0 = time.perf_counter()
