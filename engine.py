@@ -14,8 +14,8 @@ from tqdm import tqdm
 import metrics
 from datasets import iterate_batches, open_dataset, resolve_data_args
 from datasets.mvtec import has_masks
-from datasets.verify import check_samples
 from datasets.transforms import Preprocess
+from datasets.verify import check_samples
 from models import build_method, check_model_matches, load_model, save_model
 from models.backbone import ARCHS, make_engine
 from models.postprocess import Detector
@@ -202,7 +202,8 @@ def train_category(args, category):
     preprocess = Preprocess.from_config(cfg)
     samples = dataset.train_samples(category)
     # A broken image or mask fails before the fit, not after (PNG CRCs: ~1/6 of decoding them; bench_verify.py).
-    check_samples(samples + (dataset.test_samples(category) if args.eval else []), args.num_workers)
+    check_samples(samples + (dataset.test_samples(category) if args.eval else []), args.num_workers,
+                  progress=not args.no_progress)
     fit_samples, calib_samples = (samples, []) if args.eval else split_calibration(samples, args.calib_ratio, args.seed)
     t0 = time.perf_counter()
     options = method.fit_options(args, category) if hasattr(method, "fit_options") else {}

@@ -109,8 +109,26 @@ def test_samples(data_path, category):
             samples.append(Sample(path, defect, 1, mask if os.path.isdir(masks) else None))
     if not samples:
         raise UserError(f"no test images in {root}")
+    check_stray_masks(os.path.join(data_path, category, "ground_truth"), samples)
     check_mask_coverage(samples)
     return samples
+
+
+def check_stray_masks(ground_truth, samples):
+    """A mask file that belongs to no test image is a naming mistake (its image would silently
+    count as unmasked or the mask as unused): an error naming it."""
+    if not os.path.isdir(ground_truth):
+        return
+    used = {os.path.abspath(s.mask_path) for s in samples if s.mask_path}
+    for defect in sorted(os.listdir(ground_truth)):
+        folder = os.path.join(ground_truth, defect)
+        if not os.path.isdir(folder):
+            continue
+        for path in _list_images(folder):
+            if os.path.abspath(path) not in used:
+                raise UserError(f"mask {path} matches no image in "
+                                f"{os.path.join(os.path.dirname(ground_truth), 'test', defect)} "
+                                f"(masks are named <stem>_mask.png)")
 
 
 def check_mask_coverage(samples):

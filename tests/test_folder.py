@@ -223,6 +223,17 @@ def test_bad_files_fail_before_the_fit(line, capsys, tmp_path, no_fit):
     assert_refused(capsys, tmp_path, folder_flags(line), train[-1])
 
 
+def test_mvtec_layout_mask_mistakes(line, capsys, tmp_path, no_fit):
+    data = build_mvtec_copy(line, str(tmp_path / "mvtec"))
+    flags = ["--data_path", data, "--category", "bottle"]
+    gt = os.path.join(data, "bottle", "ground_truth")
+    shutil.copy(os.path.join(gt, "broken_large", "000_mask.png"), os.path.join(gt, "broken_large", "000_mask_x.png"))
+    assert_refused(capsys, tmp_path, flags, "000_mask_x.png", "matches no image")
+    os.remove(os.path.join(gt, "broken_large", "000_mask_x.png"))
+    shutil.rmtree(os.path.join(gt, "contamination"))  # masks for one defect type only: half-masked
+    assert_refused(capsys, tmp_path, flags, "no mask for", os.path.join("contamination", "000.png"))
+
+
 def test_unreadable_natural_images_are_skipped_in_one_line(mvtec_lite, tmp_path, capsys):
     folder = tmp_path / "natural"
     (folder / "sub").mkdir(parents=True)
