@@ -339,7 +339,7 @@ def print_reports(result):
     for kind in ("image_report", "pixel_report"):
         r = result.get(kind)
         if r and kind == "pixel_report" and result.get("no_masks"):
-            print(f"  segmentation (pixel): no masks; threshold {r['threshold']:.4f} (max over normal test images)")
+            print(f"  segmentation (pixel): no masks; threshold {r['threshold']:.4f} (max of the normal images)")
         elif r:
             name = "classification (image)" if kind == "image_report" else "segmentation (pixel)"
             print(f"  {name}: threshold {r['threshold']:.4f}  precision {r['precision']:.4f}  "

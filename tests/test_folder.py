@@ -32,7 +32,8 @@ def build_folders(bottle, root):
         link(os.path.join(bottle, "train", "good", f"{i:03d}.png"), os.path.join(root, "good", f"{i:03d}.png"))
     for defect, count in DEFECTS.items():
         for i in range(count):
-            link(os.path.join(bottle, "test", defect, f"{i:03d}.png"), os.path.join(root, "reject", defect, f"{i:03d}.png"))
+            name = f"{i:03d}.png"
+            link(os.path.join(bottle, "test", defect, name), os.path.join(root, "reject", defect, name))
             link(os.path.join(bottle, "ground_truth", defect, f"{i:03d}_mask.png"),
                  os.path.join(root, "masks", defect, f"{i:03d}_mask.png"))
     return {name: os.path.join(root, name) for name in ("good", "reject", "masks")}
@@ -47,7 +48,8 @@ def build_mvtec_copy(folders, root, seed=7, ratio=0.2):
             link(os.path.realpath(os.path.join(folders["good"], name)), os.path.join(cat, part, "good", name))
     for defect in DEFECTS:
         for name in os.listdir(os.path.join(folders["reject"], defect)):
-            link(os.path.realpath(os.path.join(folders["reject"], defect, name)), os.path.join(cat, "test", defect, name))
+            image = os.path.realpath(os.path.join(folders["reject"], defect, name))
+            link(image, os.path.join(cat, "test", defect, name))
             mask = name.replace(".png", "_mask.png")
             link(os.path.realpath(os.path.join(folders["masks"], defect, mask)),
                  os.path.join(cat, "ground_truth", defect, mask))
@@ -88,7 +90,8 @@ def runs(mvtec_lite, r18_weights, tmp_path_factory):
     saves = {name: str(base / name) for name in ("folder", "nomask", "mvtec")}
     assert train_script.main([*folder_flags(folders), *common, "--save_path", saves["folder"]]) == 0
     assert train_script.main([*folder_flags(folders, masks=False), *common, "--save_path", saves["nomask"]]) == 0
-    assert train_script.main(["--data_path", mvtec, "--category", "bottle", *common, "--save_path", saves["mvtec"]]) == 0
+    mvtec_flags = ["--data_path", mvtec, "--category", "bottle"]
+    assert train_script.main([*mvtec_flags, *common, "--save_path", saves["mvtec"]]) == 0
     return {"folders": folders, "mvtec": mvtec, "base": base, **saves}
 
 
@@ -126,8 +129,9 @@ def test_no_masks_is_image_level(runs, capsys, r18_weights):
     shutil.copytree(runs["mvtec"], data, symlinks=True)
     shutil.rmtree(os.path.join(data, "bottle", "ground_truth"))
     out_dir = str(runs["base"] / "eval_nomask")
-    code, out, _ = cli(eval_script.main, ["--data_path", data, "--category", "bottle", *FAST, "--model_path",
-                                          runs["mvtec"], "--save_path", out_dir, "--update_thresholds", "False"], capsys)
+    argv = ["--data_path", data, "--category", "bottle", *FAST, "--model_path", runs["mvtec"], "--save_path", out_dir,
+            "--update_thresholds", "False"]
+    code, out, _ = cli(eval_script.main, argv, capsys)
     assert code == 0
     table = out[out.index("category"):]
     assert table.count("no masks") == 2, out
