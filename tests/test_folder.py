@@ -14,7 +14,7 @@ import train as train_script
 from datasets.efficientad import list_image_tree
 from datasets.folder import split_normals
 from models import load_model
-from utils import run_cli
+from utils import UserError, run_cli
 
 N_GOOD = 10
 DEFECTS = {"broken_large": 3, "contamination": 3}
@@ -225,6 +225,26 @@ def test_bad_files_fail_before_the_fit(line, capsys, tmp_path, no_fit):
     with open(broken, "wb") as f:
         f.write(data[: len(data) // 2])
     assert_refused(capsys, tmp_path, folder_flags(line), train[-1])
+
+
+def test_flat_folders_and_both_mask_names(line, tmp_path):
+    from datasets.folder import FolderDataset
+    flat = tmp_path / "flat"
+    for i, defect in enumerate(DEFECTS):  # one flat reject folder; masks flat, named <stem>.png or <stem>_mask.png
+        src = os.path.realpath(os.path.join(line["reject"], defect, "000.png"))
+        link(src, str(flat / "reject" / f"{defect}.png"))
+        mask = os.path.realpath(os.path.join(line["masks"], defect, "000_mask.png"))
+        link(mask, str(flat / "masks" / (f"{defect}.png" if i else f"{defect}_mask.png")))
+    data = FolderDataset(line["good"], str(flat / "reject"), str(flat / "masks"), test_ratio=0.2, seed=7)
+    assert data.categories("all") == ["line"]  # the normal folder's parent names the category
+    defective = [s for s in data.test_samples("line") if s.label]
+    assert [(s.defect_type, os.path.basename(s.image_path), os.path.basename(s.mask_path)) for s in defective] == [
+        ("reject", "broken_large.png", "broken_large_mask.png"), ("reject", "contamination.png", "contamination.png")]
+    # Flat masks for defect subfolders whose images share stems: which image a mask belongs to is unknown.
+    flat_masks = tmp_path / "flat_masks"
+    link(os.path.realpath(os.path.join(line["masks"], "broken_large", "000_mask.png")), str(flat_masks / "000.png"))
+    with pytest.raises(UserError, match="could belong to several images"):
+        FolderDataset(line["good"], line["reject"], str(flat_masks))
 
 
 def test_mvtec_layout_mask_mistakes(line, capsys, tmp_path, no_fit):
