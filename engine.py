@@ -12,8 +12,10 @@ import numpy as np
 from tqdm import tqdm
 
 import metrics
-from datasets import iterate_batches, open_dataset
+from datasets import iterate_batches, open_dataset, resolve_data_args
+from datasets.mvtec import has_masks
 from datasets.transforms import Preprocess
+from datasets.verify import check_samples
 from models import build_method, check_model_matches, load_model, save_model
 from models.backbone import ARCHS, make_engine
 from models.postprocess import Detector
@@ -71,9 +73,18 @@ def add_model_args(parser):
 
 
 def add_data_args(parser):
-    parser.add_argument("--data_path", default="demo_data", help="MVTec-layout root folder")
+    parser.add_argument("--data_path", default=None, help="MVTec-layout root folder (default: demo_data)")
     parser.add_argument("--category", default="all",
-                        help="all, objects, textures, one category or a comma list")
+                        help="all, objects, textures, one category or a comma list; folder mode: the "
+                             "category's name (default: the parent folder of --normal_dir)")
+    parser.add_argument("--normal_dir", default=None,
+                        help="folder mode (instead of --data_path): a folder of good images")
+    parser.add_argument("--abnormal_dir", default=None,
+                        help="folder mode: rejected images, flat or one subfolder per defect type")
+    parser.add_argument("--mask_dir", default=None,
+                        help="folder mode: masks named <stem>.png or <stem>_mask.png, flat or per defect type")
+    parser.add_argument("--normal_test_ratio", type=float, default=0.2,
+                        help="folder mode: share of --normal_dir split off (seeded by --seed) as test images")
     parser.add_argument("--batch_size", type=int, default=8, help="images loaded per step")
     parser.add_argument("--num_workers", type=int, default=2, help="image-decoding threads")
 
@@ -96,6 +107,7 @@ def add_eval_args(parser):
 
 def parse(parser, argv=None):
     args = parser.parse_args(argv)
+    resolve_data_args(args)
     if hasattr(args, "method"):
         build_method(runtime_config(method_config(args), args))  # bad method flags fail now, in one line
     if args.save_path is None:
@@ -182,8 +194,9 @@ def train_category(args, category):
     dataset = open_dataset(args)
     preprocess = Preprocess.from_config(cfg)
     samples = dataset.train_samples(category)
-    if args.eval:
-        dataset.test_samples(category)  # fail on a broken test set before the fit, not after
+    # A broken image or mask fails before the fit, not after (PNG CRCs: ~1/6 of decoding them; bench_verify.py).
+    check_samples(samples + (dataset.test_samples(category) if args.eval else []), args.num_workers,
+                  progress=not args.no_progress)
     fit_samples, calib_samples = (samples, []) if args.eval else split_calibration(samples, args.calib_ratio, args.seed)
     t0 = time.perf_counter()
     options = method.fit_options(args, category) if hasattr(method, "fit_options") else {}
@@ -193,6 +206,8 @@ def train_category(args, category):
     state["config"] = cfg
     state["category"] = category
     state["train_images"] = len(fit_samples)
+    if dataset.split is not None:
+        state["split"] = dataset.split  # eval.py evaluates on these test images again
     detector = detector_for(state, engine, method)
     result = None
     if calib_samples:
@@ -203,9 +218,11 @@ def train_category(args, category):
             maps.append(m)
         state["calibration"] = normal_calibration(np.concatenate(scores), np.concatenate(maps), len(calib_samples))
     if args.eval:
-        result = evaluate_category(args, category, detector, preprocess)
+        result = evaluate_category(args, category, detector, preprocess, dataset)
         state["calibration"] = result["calibration"]
     result = result or {"category": category}
+    if dataset.split is not None:
+        result["split"] = dataset.split
     result["config"] = cfg
     result["timing"] = {"fit_s": fit_s, "train_images": len(fit_samples), "peak_rss_mb": peak_rss_mb()}
     save_model(model_path_for(args, category), state)
@@ -238,10 +255,10 @@ def normal_calibration(scores, maps, count):
             "source": f"max over {count} held-out normal training images"}
 
 
-def evaluate_category(args, category, detector, preprocess):
+def evaluate_category(args, category, detector, preprocess, dataset=None):
     """Score the test set (preprocessed as the model's `preprocess` says); metrics, F1-optimal
-    thresholds, optional pictures."""
-    samples = open_dataset(args).test_samples(category)
+    thresholds, optional pictures. Defective images without masks: image-level metrics only."""
+    samples = (dataset or open_dataset(args)).test_samples(category)
     n = len(samples)
     size = detector.map_size
     maps = np.empty((n, *size), np.float32)
@@ -249,6 +266,7 @@ def evaluate_category(args, category, detector, preprocess):
     scores = np.empty(n, np.float32)
     rgbs = np.empty((n, *size, 3), np.uint8) if args.save_pic or getattr(args, "report", False) else None
     labels = np.array([s.label for s in samples])
+    no_masks = bool(labels.any()) and not has_masks(samples)
     pos = 0
     t0 = time.perf_counter()
     bar = tqdm(total=n, desc=f"test {category}", unit="img", disable=args.no_progress, leave=False)
@@ -265,9 +283,11 @@ def evaluate_category(args, category, detector, preprocess):
     test_s = time.perf_counter() - t0
     result = {"category": category, "test_images": n, "ms_per_image": 1000 * test_s / n}
     result["image_AUROC"] = metrics.auroc(labels, scores, args.non_partial_AUC)
-    result["pixel_AUROC"] = metrics.auroc(masks, maps, args.non_partial_AUC)
+    result["pixel_AUROC"] = None if no_masks else metrics.auroc(masks, maps, args.non_partial_AUC)
     result["PRO"] = pro_curve = None
-    if args.eval_PRO:
+    if no_masks:
+        result["no_masks"] = True  # masks stay all-zero arrays: pixel metrics are not defined
+    if args.eval_PRO and not no_masks:
         t1 = time.perf_counter()
         pro_curve = metrics.pro_curve(masks, maps)  # kept for the report's plot: computed once
         if pro_curve is not None:
@@ -276,10 +296,16 @@ def evaluate_category(args, category, detector, preprocess):
         result["pro_s"] = time.perf_counter() - t1
     if labels.any() and not labels.all():
         calib = {"image_threshold": metrics.f1_optimal_threshold(labels, scores),
-                 "pixel_threshold": metrics.f1_optimal_threshold(masks, maps),
                  "image_min": float(scores.min()), "image_max": float(scores.max()),
                  "pixel_min": float(maps.min()), "pixel_max": float(maps.max()),
                  "source": f"F1-optimal on the {n} test images of {category}"}
+        if no_masks:  # the pixel threshold as training without labels sets it: above every normal pixel
+            normals = int((labels == 0).sum())
+            calib["pixel_threshold"] = float(maps[labels == 0].max())
+            calib["source"] = (f"image threshold F1-optimal on the {n} test images of {category}; no masks: "
+                               f"pixel threshold the max over its {normals} normal test images")
+        else:
+            calib["pixel_threshold"] = metrics.f1_optimal_threshold(masks, maps)
     else:
         calib = normal_calibration(scores[labels == 0], maps[labels == 0], int((labels == 0).sum()))
     result["calibration"] = calib
@@ -305,7 +331,9 @@ def evaluate_category(args, category, detector, preprocess):
 def print_reports(result):
     for kind in ("image_report", "pixel_report"):
         r = result.get(kind)
-        if r:
+        if r and kind == "pixel_report" and result.get("no_masks"):
+            print(f"  segmentation (pixel): no masks; threshold {r['threshold']:.4f} (max of the normal images)")
+        elif r:
             name = "classification (image)" if kind == "image_report" else "segmentation (pixel)"
             print(f"  {name}: threshold {r['threshold']:.4f}  precision {r['precision']:.4f}  "
                   f"recall {r['recall']:.4f}  F1 {r['f1']:.4f}")
@@ -318,7 +346,8 @@ def result_row(r):
 
 def write_results(save_path, results):
     """Merge this run's rows into <save_path>/results.csv (rows of other categories are kept),
-    recompute the mean, write atomically, and print the table."""
+    recompute the mean, write atomically, and print the table (pixel cells of a category without
+    masks: empty in the file, "no masks" on screen)."""
     path = os.path.join(save_path, "results.csv")
     rows = {}
     if os.path.isfile(path):
@@ -339,7 +368,9 @@ def write_results(save_path, results):
     if not body:
         return None
     write_csv_atomic(path, RESULT_HEADER, body)
-    print(format_table(RESULT_HEADER, body))
+    no_masks = {r["category"] for r in results if r.get("no_masks")}
+    print(format_table(RESULT_HEADER, [row[:2] + [c or "no masks" for c in row[2:]] if row[0] in no_masks
+                                       else row for row in body]))
     print(f"results: {path}")
     return path
 
@@ -371,12 +402,15 @@ def run_each_category(args, work, title, on_result=None):
         try:
             result = work(args, category)
         except UserError as err:
+            if len(categories) == 1:
+                raise  # one category: its error is the run's one line
             print(f"error: {category}: {err}", file=sys.stderr)
             failed.append(category)
             continue
         results.append(result)
         if "image_AUROC" in result:
-            print(f"  image AUROC {fmt(result['image_AUROC'])}  pixel AUROC {fmt(result['pixel_AUROC'])}"
+            pixel = "no masks" if result.get("no_masks") else fmt(result["pixel_AUROC"])
+            print(f"  image AUROC {fmt(result['image_AUROC'])}  pixel AUROC {pixel}"
                   + (f"  PRO {fmt(result['PRO'])}" if result.get("PRO") is not None else ""))
             print_reports(result)
         write_category_metrics(args.save_path, result)
@@ -385,8 +419,6 @@ def run_each_category(args, work, title, on_result=None):
             on_result(result)
         result.pop("arrays", None)  # only the report needs them; memory stays flat over categories
     if failed:
-        if len(failed) == len(categories) and len(categories) == 1:
-            raise UserError(f"{failed[0]} failed (see above)")
         print(f"error: {len(failed)} of {len(categories)} categories failed: {', '.join(failed)}",
               file=sys.stderr)
         return 1
@@ -410,8 +442,11 @@ def eval_category(args, category):
     if keeps_stored and not state.get("calibration"):
         raise UserError(f"{path} has no stored thresholds, which --report shows; evaluate with "
                         f"--update_thresholds True (the default) or train with --eval or --calib_ratio > 0")
-    # The model's own preprocessing, whatever flags were given.
-    result = evaluate_category(args, category, detector, Preprocess.from_config(state["config"]))
+    # The model's own preprocessing and, in folder mode, its own test split, whatever flags were given.
+    dataset = open_dataset(args, state.get("split"))
+    result = evaluate_category(args, category, detector, Preprocess.from_config(state["config"]), dataset)
+    if dataset.split is not None:
+        result["split"] = dataset.split
     if args.update_thresholds:
         state["calibration"] = result["calibration"]
         save_model(path, state)

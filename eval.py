@@ -2,6 +2,7 @@
 
     python eval.py --data_path demo_data --category bottle --method ortho --arch resnet18 --k 100 --eval_PRO
     python eval.py ... --report                    # <save_path>/report/index.html
+    python eval.py --normal_dir PATH/good --abnormal_dir PATH/reject --category cap   # the model's own split
     python eval.py --compare RUN_DIR RUN_DIR [...] [--save_path OUT]
 """
 import engine

@@ -2,6 +2,7 @@
 
     python train.py --data_path demo_data --category all --method ortho --arch resnet18 --k 100 \
         --backbone_weights weights.pdparams --eval --eval_PRO [--report]
+    python train.py --normal_dir PATH/good --abnormal_dir PATH/reject [--mask_dir PATH/masks] --category cap --eval
 """
 import engine
 import report

@@ -9,13 +9,16 @@ import numpy as np
 from PIL import Image
 
 from datasets.transforms import IMAGENET_MEAN, IMAGENET_STD, is_image_file, load_rgb
+from datasets.verify import readable_images
 from utils import UserError
 
 GRAY_WEIGHTS = np.array([0.299, 0.587, 0.114], np.float32)  # ITU-R 601, as PIL and torchvision
 
 
-def list_image_tree(folders):
-    """Every image under the folders (recursively), in a stable order."""
+def list_image_tree(folders, progress=False):
+    """Every readable image under the folders (recursively), in a stable order. Files that do not
+    read as images are skipped up front with one line saying how many (datasets.verify): such
+    folders are "any natural images", and one bad file should not stop a long run minutes in."""
     paths = []
     for folder in folders:
         if not os.path.isdir(folder):
@@ -25,7 +28,7 @@ def list_image_tree(folders):
             paths.extend(os.path.join(root, f) for f in sorted(files) if is_image_file(f))
     if not paths:
         raise UserError(f"no images under {', '.join(folders)}")
-    return paths
+    return readable_images(paths, ", ".join(folders), progress=progress)
 
 
 def to_network(rgb):

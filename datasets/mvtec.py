@@ -7,9 +7,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image
 
 from datasets.transforms import is_image_file, load_mask, load_rgb
+from datasets.verify import mask_size_error
 from utils import UserError
 
 MVTEC_TEXTURES = ["carpet", "grid", "leather", "tile", "wood"]
@@ -50,6 +50,8 @@ class MVTecDataset:
     """The data source behind train/eval: categories, and each one's training and test samples.
     Another folder layout is another class with these three methods (datasets.open_dataset)."""
 
+    split = None  # MVTec fixes its test set; folder mode's seeded split is recorded here
+
     def __init__(self, data_path):
         self.data_path = data_path
 
@@ -68,7 +70,7 @@ class Sample:
     image_path: str
     defect_type: str          # 'good' or the defect folder name
     label: int                # 0 normal, 1 anomalous
-    mask_path: str = None     # None for normal images
+    mask_path: str = None     # None for normal images, and for defective ones of a set without masks
 
 
 def _list_images(folder):
@@ -98,14 +100,52 @@ def test_samples(data_path, category):
             if defect == "good":
                 samples.append(Sample(path, defect, 0))
                 continue
+            # No ground_truth/<defect> folder: no masks for this defect (image-level evaluation).
+            masks = os.path.join(data_path, category, "ground_truth", defect)
             stem = os.path.splitext(os.path.basename(path))[0]
-            mask = os.path.join(data_path, category, "ground_truth", defect, stem + "_mask.png")
-            if not os.path.isfile(mask):
+            mask = os.path.join(masks, stem + "_mask.png")
+            if os.path.isdir(masks) and not os.path.isfile(mask):
                 raise UserError(f"missing ground-truth mask for {path}: expected {mask}")
-            samples.append(Sample(path, defect, 1, mask))
+            samples.append(Sample(path, defect, 1, mask if os.path.isdir(masks) else None))
     if not samples:
         raise UserError(f"no test images in {root}")
+    check_stray_masks(os.path.join(data_path, category, "ground_truth"), samples)
+    check_mask_coverage(samples)
     return samples
+
+
+def check_stray_masks(ground_truth, samples):
+    """A mask file that belongs to no test image is a naming mistake (its image would silently
+    count as unmasked or the mask as unused): an error naming it."""
+    if not os.path.isdir(ground_truth):
+        return
+    used = {os.path.abspath(s.mask_path) for s in samples if s.mask_path}
+    for defect in sorted(os.listdir(ground_truth)):
+        folder = os.path.join(ground_truth, defect)
+        if not os.path.isdir(folder):
+            continue
+        for path in _list_images(folder):
+            if os.path.abspath(path) not in used:
+                raise UserError(f"mask {path} matches no image in "
+                                f"{os.path.join(os.path.dirname(ground_truth), 'test', defect)} "
+                                f"(masks are named <stem>_mask.png)")
+
+
+def check_mask_coverage(samples):
+    """Masks for every defective image or for none (then evaluation is image-level only). A
+    half-masked set is a mistake, and mixing would bias pixel AUROC: an error naming the first
+    defective image without a mask."""
+    defective = [s for s in samples if s.label]
+    missing = [s for s in defective if s.mask_path is None]
+    if missing and len(missing) < len(defective):
+        raise UserError(f"no mask for {missing[0].image_path}, but {len(defective) - len(missing)} of the "
+                        f"{len(defective)} defective images have one: give every defective image a mask, "
+                        f"or none (image-level evaluation)")
+
+
+def has_masks(samples):
+    """True when the defective samples come with masks (check_mask_coverage: all or none)."""
+    return any(s.mask_path is not None for s in samples if s.label)
 
 
 def load_sample(sample, preprocess, with_mask):
@@ -120,8 +160,7 @@ def load_sample(sample, preprocess, with_mask):
         else:
             m = load_mask(sample.mask_path)
             if m.size != img.size:
-                raise UserError(f"mask {sample.mask_path} is {m.size[0]}x{m.size[1]} but its image "
-                                f"{sample.image_path} is {img.size[0]}x{img.size[1]}")
+                raise mask_size_error(sample.mask_path, m.size, sample.image_path, img.size)
             mask = preprocess.mask(m)
     return chw, rgb, mask
 
@@ -147,8 +186,3 @@ def iterate_batches(samples, batch_size, preprocess, with_mask=False, workers=2)
             if nxt is not None:
                 pending = pool.submit(load, nxt)
             yield batch
-
-
-def image_size(path):
-    with Image.open(path) as img:
-        return img.size

@@ -193,7 +193,7 @@ def distill_teacher(out_path, model_size, arch, backbone_weights, data_dirs, ste
                     progress=True, resume=False, checkpoint_every=500, minutes=None):
     """Train a PDN to reproduce the standardised backbone features on random crops of natural
     images (MSE, as the paper's pretraining); write the teacher file atomically."""
-    paths = list_image_tree(data_dirs)
+    paths = list_image_tree(data_dirs, progress)
     target_net = DistillationTarget(arch)
     target_net.backbone.load_pretrained(backbone_weights)
     target = make_engine(target_net, (3, DISTILL_CROP, DISTILL_CROP), **engine_kwargs)
@@ -267,7 +267,7 @@ class EfficientAD:
         n_val = max(1, int(round(len(images) * VALIDATION_SHARE)))
         order = np.random.RandomState(cfg.get("seed", 0)).permutation(len(images))
         train, val = images[np.sort(order[n_val:])], images[np.sort(order[:n_val])]
-        penalty_paths = list_image_tree([imagenet_dir]) if imagenet_dir else None
+        penalty_paths = list_image_tree([imagenet_dir], progress) if imagenet_dir else None
 
         paddle.seed(cfg.get("seed", 0))
         net = EfficientADNet(self.model_size)
