@@ -2,7 +2,7 @@
 three good images and a good or defective fourth, its mask placed in its quarter), scored by the
 plain 256 + 224 centre-crop pipeline and by tiles at the mosaic's native resolution.
 
-    python benchmarks/bench_mosaic.py [--methods ortho coreset] [--train 100] [--good 40]
+    python benchmarks/bench_mosaic.py [--methods ortho coreset] [--train 200] [--good 40]
 
 Prints per pipeline: image AUROC, pixel AUROC, and for the small defects (mask area below the
 median of the defective mosaics, against the good mosaics) image AUROC, pixel AUROC and the
@@ -137,7 +137,7 @@ def run_pipeline(data_root, save, method_flags, geometry, no_progress=True):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", nargs="+", default=["ortho"], choices=sorted(METHOD_FLAGS))
-    p.add_argument("--train", type=int, default=100, help="training mosaics")
+    p.add_argument("--train", type=int, default=200, help="training mosaics")
     p.add_argument("--good", type=int, default=40, help="good test mosaics")
     p.add_argument("--defects", type=int, default=None, help="defective test mosaics (default: every defect image)")
     p.add_argument("--keep", default=None, help="build the mosaics here and keep them (default: a temp folder)")
