@@ -111,6 +111,8 @@ def test_full_frame_non_square_through_export_and_infer(tmp_path, r18_weights, c
                        "--crop", "none", "--backbone_weights", r18_weights, "--eval", "--save_path", save]) == 0
     metrics = json.load(open(os.path.join(save, "metrics", "widget.json")))
     assert metrics["config"]["image_size"] == [256, 640] and metrics["config"]["crop"] == "none"
+    from models import load_model
+    assert load_model(os.path.join(save, "widget.pdparams"))["stats"]["mean"].shape == (64 * 160, 8)  # H/4 x W/4
     images = [os.path.join(cat, "test", d, f) for d in ("scratch", "good") for f in ("000.png", "001.png")]
     assert_deployed_matches_predict(save, flags, "widget", images, tmp_path, capsys)
     maps = [f for f in os.listdir(tmp_path / "predict") if f.endswith("_anomaly_map.npy")]
