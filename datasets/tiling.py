@@ -4,6 +4,7 @@ The network sees TxT tiles of the resized frame (`--tile`, `--tile_stride`); the
 the frame is put back together from the tiles' maps, averaged where tiles overlap. Every entry
 point goes through this one geometry (Preprocess.tiles, and the Detector's tile step).
 """
+import functools
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -36,13 +37,22 @@ class TileGrid:
     def count(self):
         return len(self.origins)
 
-    @cached_property
-    def _coverage(self):
-        """How many tiles cover each pixel of the frame (float32 [H, W])."""
-        cover = np.zeros(self.frame, np.float32)
+    @functools.lru_cache(maxsize=4)
+    def _weights(self, border):
+        """(weight of each tile's pixels [count, T, T], their sum over the frame [H, W]). A pixel
+        within `border` of a tile's edge counts only where no tile has it inside that margin
+        (the frame's own edges, or tiles overlapping by less than twice the margin)."""
+        t = self.tile
+        inner = np.zeros((t, t), np.float32)
+        inner[border:t - border, border:t - border] = 1.0
+        inside = np.zeros(self.frame, np.float32)
         for y, x in self.origins:
-            cover[y:y + self.tile, x:x + self.tile] += 1
-        return cover
+            inside[y:y + t, x:x + t] += inner
+        weights = np.stack([np.where(inside[y:y + t, x:x + t] > 0, inner, np.float32(1.0)) for y, x in self.origins])
+        total = np.zeros(self.frame, np.float32)
+        for (y, x), w in zip(self.origins, weights):
+            total[y:y + t, x:x + t] += w
+        return weights, total
 
     def split(self, frames):
         """[B, C, H, W] frames -> [B * count, C, T, T] tiles, image by image."""
@@ -50,11 +60,14 @@ class TileGrid:
         tiles = [frames[:, :, y:y + t, x:x + t] for y, x in self.origins]
         return np.ascontiguousarray(np.stack(tiles, axis=1).reshape(-1, frames.shape[1], t, t))
 
-    def stitch(self, tile_maps):
-        """[B * count, T, T] maps of `split`'s tiles -> [B, H, W], the mean of the tiles over each pixel."""
+    def stitch(self, tile_maps, border=0):
+        """[B * count, T, T] maps of `split`'s tiles -> [B, H, W], the mean of the tiles over each
+        pixel. `border`: pixels along a tile's edges that the method does not score (EfficientAD's
+        16); they are left out of the mean wherever another tile scores the pixel."""
         t, n = self.tile, self.count
+        weights, total = self._weights(int(border))
         grouped = np.asarray(tile_maps, np.float32).reshape(-1, n, t, t)
         out = np.zeros((len(grouped), *self.frame), np.float32)
         for i, (y, x) in enumerate(self.origins):
-            out[:, y:y + t, x:x + t] += grouped[:, i]
-        return out / self._coverage
+            out[:, y:y + t, x:x + t] += grouped[:, i] * weights[i] if border else grouped[:, i]
+        return out / total

@@ -226,6 +226,9 @@ class EfficientAD:
     """fit(train batches) -> state; feature_net(state) -> graph; score(outputs, stats) -> maps."""
 
     blur_sigma = 0.0  # the paper's maps are only upsampled
+    # Image pixels along each edge that no PDN output sees (score() sets them to the normal level),
+    # plus the two that bilinear upsampling mixes with them: tiles stitch around them.
+    map_border = 4 * MAP_BORDER + 2
 
     def __init__(self, config):
         self.config = config

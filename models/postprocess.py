@@ -79,12 +79,15 @@ class Detector:
     `image_score`: optional (outputs, patch scores, stats) -> [B] for methods whose image score
     is not the map maximum (PatchCore's re-weighting);
     `tiles`: the model's datasets.tiling.TileGrid when the network sees tiles of the image: the
-    engine is then wrapped to take whole images (TiledEngine) and the tiles' maps are stitched.
+    engine is then wrapped to take whole images (TiledEngine) and the tiles' maps are stitched;
+    `tile_border`: pixels along each map's edges the method leaves unscored (EfficientAD), left
+    out of the stitching wherever another tile scores them.
     """
 
     def __init__(self, engine, score, stats, map_size, calibration=None, blur_sigma=BLUR_SIGMA, image_score=None,
-                 tiles=None):
+                 tiles=None, tile_border=0):
         self.tiles = tiles
+        self.tile_border = tile_border
         self.engine = engine if tiles is None else TiledEngine(engine, tiles)
         self.score = score
         self.image_score = image_score
@@ -98,7 +101,8 @@ class Detector:
         """The detector of a method: its scorer, image score and blur. Every entry point builds
         it here, so none can pair a method with another's post-processing."""
         return cls(engine, method.score, stats, map_size, calibration, image_score=getattr(method, "image_score", None),
-                   blur_sigma=getattr(method, "blur_sigma", BLUR_SIGMA), tiles=tiles)
+                   blur_sigma=getattr(method, "blur_sigma", BLUR_SIGMA), tiles=tiles,
+                   tile_border=getattr(method, "map_border", 0))
 
     def raw(self, images, chunk=1):
         """-> (image scores [B], maps [B,H,W]). Batch 1 through the engine is the fastest on
@@ -128,7 +132,7 @@ class Detector:
         the map maximum, or the method's image score of the tile holding the largest patch
         score (PatchCore: its re-weighting of the largest patch score over all tiles)."""
         tiles = self.tiles
-        maps = tiles.stitch(anomaly_maps(patch_scores, (tiles.tile, tiles.tile), 0.0))
+        maps = tiles.stitch(anomaly_maps(patch_scores, (tiles.tile, tiles.tile), 0.0), self.tile_border)
         if self.blur_sigma:
             maps = anomaly_maps(maps, self.map_size, self.blur_sigma)
         if self.image_score is None:

@@ -44,6 +44,17 @@ def test_split_and_stitch_round_trip_and_average_overlaps_exactly():
     np.testing.assert_array_equal(stitched[1], stitched[0] + 1)
 
 
+def test_stitch_leaves_unscored_tile_borders_out_where_another_tile_scores():
+    """EfficientAD's maps are 0 (the normal level) along each edge: seams between overlapping
+    tiles must not show that border, the frame's own edges keep it."""
+    grid = TileGrid((64, 112), 64, 48)
+    maps = np.zeros((2, 64, 64), np.float32)
+    maps[:, 8:-8, 8:-8] = 1.0
+    stitched = grid.stitch(maps, border=8)[0]
+    assert (stitched[8:-8, 8:-8] == 1.0).all() and not stitched[:, :8].any() and not stitched[:, -8:].any()
+    assert grid.stitch(maps)[0, 32, 50] == 0.5  # the plain mean mixes tile 1's border in
+
+
 def test_full_frame_preprocess_and_old_configs():
     pre = Preprocess.from_config({"resize": 256, "crop_size": 224, "crop": "none", "image_size": [48, 80]})
     img = Image.fromarray(np.random.RandomState(1).randint(0, 255, (30, 70, 3), np.uint8))
