@@ -121,10 +121,12 @@ def load_deployed(model_file, params_file, stats_path, backend="paddle", **confi
     else:
         raise UserError(f"unknown --backend {backend}; choose paddle or onnxruntime")
     method = build_method(cfg)
-    detector = Detector.for_method(method, engine, stats, Preprocess.from_config(cfg).map_size, meta["calibration"])
-    probe = np.zeros((1, *meta["input_shape"]), np.float32)
+    preprocess = Preprocess.from_config(cfg)
+    detector = Detector.for_method(method, engine, stats, preprocess.map_size, meta["calibration"],
+                                   tiles=preprocess.tiles)
+    probe = np.zeros((1, 3, *preprocess.map_size), np.float32)  # one whole image: all its tiles when tiled
     try:
-        outputs = engine(probe)
+        outputs = detector.engine(probe)
     except RuntimeError as err:
         raise UserError(f"the model {model_file} does not run on the input shape {meta['input_shape']} that "
                         f"{stats_path} records (stats exported from another model?): "

@@ -14,9 +14,9 @@ from tqdm import tqdm
 import metrics
 from datasets import iterate_batches, open_dataset, resolve_data_args
 from datasets.mvtec import has_masks
-from datasets.transforms import Preprocess
+from datasets.transforms import Preprocess, parse_image_size
 from datasets.verify import check_samples
-from models import build_method, check_model_matches, load_model, save_model
+from models import build_method, check_geometry, check_model_matches, load_model, save_model
 from models.backbone import ARCHS, make_engine
 from models.postprocess import Detector
 from utils import (UserError, dumps_json, fmt, format_table, peak_rss_mb, set_seed, str2bool,
@@ -67,6 +67,17 @@ def add_model_args(parser):
     parser.add_argument("--seed", type=int, default=521, help="seed for projections and sampling")
     parser.add_argument("--resize", type=int, default=256, help="shorter side before the centre crop")
     parser.add_argument("--crop_size", type=int, default=224, help="centre crop fed to the network")
+    parser.add_argument("--image_size", default=None, metavar="H,W",
+                        help="full frame: resize the whole image to exactly HxW (any aspect ratio, no crop; "
+                             "implies --crop none) instead of --resize + --crop_size")
+    parser.add_argument("--crop", default=None, choices=["center", "none"],
+                        help="center: --resize shorter side, --crop_size centre square (default); "
+                             "none: the whole image at --image_size (default when --image_size is given)")
+    parser.add_argument("--tile", type=int, default=0,
+                        help="high resolution: the network sees TILE x TILE squares of the image resized to "
+                             "--image_size (the whole image, never a centre crop); the maps are stitched back")
+    parser.add_argument("--tile_stride", type=int, default=None,
+                        help="pixels between tiles (default --tile; smaller overlaps them, overlaps averaged)")
     parser.add_argument("--save_path", default=None, help="output folder (default output/<method>_<arch>_k<k>)")
     parser.add_argument("--model_path", default=None,
                         help="model file, or folder of <category>.pdparams (default: --save_path)")
@@ -108,16 +119,30 @@ def add_eval_args(parser):
 def parse(parser, argv=None):
     args = parser.parse_args(argv)
     resolve_data_args(args)
+    parse_geometry(args)
     if hasattr(args, "method"):
         build_method(runtime_config(method_config(args), args))  # bad method flags fail now, in one line
     if args.save_path is None:
         args.save_path = os.path.join("output", run_name(args))
     apply_method_defaults(args)
+    if hasattr(args, "method"):
+        check_geometry(method_config(args), getattr(args, "max_stats_gb", None))
     return args
 
 
+def parse_geometry(args):
+    """--image_size "H,W" -> (H, W); --crop defaults to none with --image_size or --tile, else center."""
+    if getattr(args, "image_size", None) is not None:
+        args.image_size = parse_image_size(args.image_size)
+    if hasattr(args, "crop") and args.crop is None:
+        args.crop = "none" if args.image_size is not None or args.tile else "center"
+    if getattr(args, "tile_stride", None) is None and hasattr(args, "tile"):
+        args.tile_stride = args.tile
+
+
 def apply_method_defaults(args):
-    """EfficientAD's PDN takes 256x256 images (no 224 ImageNet crop) and the paper's step counts."""
+    """EfficientAD's PDN takes 256x256 images (no 224 ImageNet crop; full frames and tiles are
+    checked by check_geometry) and the paper's step counts."""
     if args.method != "efficientad":
         return
     from models.efficientad import IMAGE_SIZE, PAPER_DISTILL_STEPS, PAPER_TRAIN_STEPS, check_train_crop
@@ -134,8 +159,8 @@ def apply_method_defaults(args):
 
 
 def method_config(args):
-    keys = ("method", "arch", "k", "seed", "resize", "crop_size", "coreset_ratio", "num_neighbors",
-            "model_size", "train_steps", "train_crop")
+    keys = ("method", "arch", "k", "seed", "resize", "crop_size", "crop", "image_size", "tile", "tile_stride",
+            "coreset_ratio", "num_neighbors", "model_size", "train_steps", "train_crop")
     cfg = {k: getattr(args, k) for k in keys if hasattr(args, k)}
     cfg["backbone_weights"] = os.path.basename(args.backbone_weights) if getattr(args, "backbone_weights", None) else "imagenet"
     return cfg
@@ -166,7 +191,7 @@ def model_path_for(args, category):
 
 # ---------------------------------------------------------------- per-category work
 def image_batches(samples, args, preprocess):
-    return lambda: (images for _, images, _, _ in
+    return lambda: (preprocess.network_inputs(images) for _, images, _, _ in
                     iterate_batches(samples, args.batch_size, preprocess, workers=args.num_workers))
 
 
@@ -182,8 +207,9 @@ def split_calibration(samples, ratio, seed):
 
 
 def detector_for(state, engine, method):
-    return Detector.for_method(method, engine, state["stats"], Preprocess.from_config(state["config"]).map_size,
-                               state.get("calibration"))
+    preprocess = Preprocess.from_config(state["config"])
+    return Detector.for_method(method, engine, state["stats"], preprocess.map_size, state.get("calibration"),
+                               tiles=preprocess.tiles)
 
 
 def train_category(args, category):

@@ -17,6 +17,9 @@ def main(argv=None):
     parser.add_argument("--eval", action="store_true", help="evaluate on the test set after fitting")
     parser.add_argument("--calib_ratio", type=float, default=0.1,
                         help="without --eval: share of train/good held out to calibrate thresholds")
+    parser.add_argument("--max_stats_gb", type=float, default=4.0,
+                        help="PaDiM/OrthoAD: refuse, before the fit, statistics that need more memory (they grow "
+                             "with --image_size and with the number of tiles)")
     args = engine.parse(parser, argv)
     args.eval_PRO = args.eval_PRO or args.report
     args.eval = args.eval or args.eval_PRO or args.save_pic

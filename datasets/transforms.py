@@ -4,11 +4,13 @@ One implementation so that every entry point feeds the network identical tensors
 """
 import os
 from dataclasses import dataclass
+from functools import cached_property
 
 import numba
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from datasets.tiling import TileGrid
 from utils import UserError
 
 try:  # libspng: 8-bit RGB PNGs (MVTec's format) decode ~2x faster than with Pillow, to the same pixels
@@ -106,12 +108,7 @@ def _resized_size(w, h, resize):
 
 def preprocess_image(img, resize, crop_size):
     """PIL RGB -> float32 CHW normalised with ImageNet statistics, plus the cropped uint8 HWC image."""
-    if crop_size > resize:
-        raise UserError(f"--crop_size {crop_size} is larger than --resize {resize}")
-    rgb = np.asarray(_resize_crop(img, resize, crop_size, Image.LANCZOS), dtype=np.uint8)
-    chw = np.empty((3,) + rgb.shape[:2], np.float32)
-    _normalise_hwc(rgb, _NORM_TABLE, chw)
-    return chw, rgb
+    return Preprocess(resize, crop_size).image(img)
 
 
 @numba.njit(nogil=True, cache=True)
@@ -127,42 +124,117 @@ def _normalise_hwc(rgb, table, out):
 
 def preprocess_mask(mask, resize, crop_size):
     """Same geometry as the image, nearest neighbour, as a {0,1} uint8 HxW array."""
-    return (np.asarray(_resize_crop(mask, resize, crop_size, Image.NEAREST)) > 127).astype(np.uint8)
+    return Preprocess(resize, crop_size).mask(mask)
 
 
 def load_and_preprocess(path, resize, crop_size):
     return preprocess_image(load_rgb(path), resize, crop_size)
 
 
+CROPS = ("center", "none")
+
+
+def parse_image_size(text):
+    """`--image_size` "H,W" (or "S" for S x S) -> (H, W)."""
+    try:
+        size = tuple(int(v) for v in str(text).replace("x", ",").split(","))
+    except ValueError:
+        size = ()
+    if len(size) == 1:
+        size = size * 2
+    if len(size) != 2 or min(size) < 1:
+        raise UserError(f"--image_size must be H,W in pixels (e.g. 320,240), got {text!r}")
+    return size
+
+
 @dataclass(frozen=True)
 class Preprocess:
     """A model's input geometry: what every entry point (fit, eval, predict, infer.py, a service)
     does to an image before the network. Built from the model's saved config (`from_config`),
-    so a model file or an export carries its own preprocessing."""
+    so a model file or an export carries its own preprocessing.
+
+    crop "center": shorter side to `resize`, centre square of `crop_size` (the default);
+    crop "none": the whole image resized to exactly `image_size` (H, W), any aspect ratio.
+    `tile` > 0: the network sees `tile` x `tile` squares of that frame every `tile_stride` pixels
+    (`tiles`); maps, masks and pictures stay the whole frame (`map_size`)."""
     resize: int = 256
     crop_size: int = 224
+    crop: str = "center"
+    image_size: tuple = None
+    tile: int = 0
+    tile_stride: int = 0
+
+    def __post_init__(self):
+        if self.crop not in CROPS:
+            raise UserError(f"--crop must be one of {', '.join(CROPS)}, got {self.crop!r}")
+        if self.crop == "center":
+            if self.image_size is not None:
+                raise UserError("--image_size resizes the whole image, which --crop center does not: drop "
+                                "--crop center (the centre crop is set by --resize and --crop_size)")
+            if self.tile:
+                raise UserError("--tile cuts the whole image resized to --image_size H,W into tiles: give "
+                                "--image_size, and not --crop center")
+            if self.crop_size > self.resize:
+                raise UserError(f"--crop_size {self.crop_size} is larger than --resize {self.resize}")
+        elif self.image_size is None:
+            raise UserError(f"{'--tile' if self.tile else '--crop none'} needs --image_size H,W (the size the "
+                            f"whole image is resized to)")
+        if self.tile or self.tile_stride:
+            h, w = self.map_size
+            if self.tile < 1:
+                raise UserError(f"--tile must be a positive number of pixels (and --tile_stride needs it), "
+                                f"got {self.tile}")
+            if self.tile > min(h, w):
+                raise UserError(f"--tile {self.tile} exceeds the {h}x{w} image (--image_size H,W) it is cut from")
+            if not 0 < self.tile_stride <= self.tile:
+                raise UserError(f"--tile_stride must be between 1 and --tile {self.tile} (smaller overlaps "
+                                f"the tiles), got {self.tile_stride}")
 
     @classmethod
     def from_config(cls, cfg):
-        return cls(int(cfg["resize"]), int(cfg["crop_size"]))
+        """Model files written before full frames and tiles carry only resize and crop_size."""
+        size = cfg.get("image_size")
+        tile = int(cfg.get("tile") or 0)
+        return cls(int(cfg["resize"]), int(cfg["crop_size"]), cfg.get("crop") or "center",
+                   tuple(int(v) for v in size) if size else None, tile, int(cfg.get("tile_stride") or tile))
 
     @property
     def map_size(self):
-        """(H, W) of the preprocessed image, the anomaly map and the mask."""
+        """(H, W) of the preprocessed image, the anomaly map and the mask (the whole frame when tiled)."""
+        if self.crop == "none":
+            return tuple(self.image_size)
         return self.crop_size, self.crop_size
 
     @property
     def input_shape(self):
-        """[C, H, W] of one network input."""
-        return (3, *self.map_size)
+        """[C, H, W] of one network input: a tile when tiled."""
+        return (3, self.tile, self.tile) if self.tile else (3, *self.map_size)
+
+    @cached_property
+    def tiles(self):
+        """The TileGrid the network inputs are cut from, or None (the network sees the frame)."""
+        return TileGrid(self.map_size, self.tile, self.tile_stride) if self.tile else None
+
+    def network_inputs(self, frames):
+        """[B, 3, H, W] preprocessed images -> what the network takes: their tiles, or themselves."""
+        return frames if self.tiles is None else self.tiles.split(frames)
+
+    def _geometry(self, img, resample):
+        if self.crop == "none":
+            h, w = self.image_size
+            return img if img.size == (w, h) else img.resize((w, h), resample)
+        return _resize_crop(img, self.resize, self.crop_size, resample)
 
     def image(self, img):
         """PIL RGB -> (float32 CHW, uint8 HWC as the network sees it)."""
-        return preprocess_image(img, self.resize, self.crop_size)
+        rgb = np.asarray(self._geometry(img, Image.LANCZOS), dtype=np.uint8)
+        chw = np.empty((3,) + rgb.shape[:2], np.float32)
+        _normalise_hwc(rgb, _NORM_TABLE, chw)
+        return chw, rgb
 
     def mask(self, mask):
         """PIL 'L' mask of the original image -> {0,1} uint8 [H, W] aligned with the map."""
-        return preprocess_mask(mask, self.resize, self.crop_size)
+        return (np.asarray(self._geometry(mask, Image.NEAREST)) > 127).astype(np.uint8)
 
     def load(self, path):
         return self.image(load_rgb(path))

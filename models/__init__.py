@@ -34,6 +34,14 @@ def build_method(config):
     return METHODS[name](config)
 
 
+def check_geometry(config, max_stats_gb=None):
+    """The model's input size, tiles and (PaDiM) statistics size checked before anything is
+    loaded or fitted: one clear error instead of a failure deep in the network or out of memory."""
+    family = METHODS.get(config["method"])
+    if family is not None:
+        family.check_geometry(config, max_stats_gb)
+
+
 def save_model(path, state):
     """Write `<category>.pdparams` atomically (paddle.save, pickle protocol 4 for >4 GB)."""
     import paddle

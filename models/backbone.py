@@ -111,6 +111,18 @@ class ResNetFeatures(nn.Layer):
         return [LAYER_CHANNELS[self.arch][int(n[-1]) - 1] for n in self.layers]
 
 
+LAYER3_STRIDE = 16  # the deepest layer the methods read: every layer's grid divides the image exactly
+
+
+def check_backbone_input(input_shape, method):
+    """A network input the ResNet layers tile exactly: each side a multiple of layer3's stride
+    (PaDiM's map grid is then H/4 x W/4, PatchCore's H/8 x W/8, every layer aligned with it)."""
+    h, w = input_shape[-2:]
+    if h % LAYER3_STRIDE or w % LAYER3_STRIDE:
+        raise UserError(f"{method} needs network inputs whose sides are multiples of {LAYER3_STRIDE} (the "
+                        f"backbone's stride), got {h}x{w}: choose --image_size / --tile / --crop_size to fit")
+
+
 def concat_to_first(features):
     """Nearest-upsample every map to the first one's resolution and concatenate (PaDiM embedding)."""
     size = features[0].shape[-2:]

@@ -22,6 +22,7 @@ import paddle.nn.functional as F
 from tqdm import tqdm
 
 from datasets.efficientad import ae_color_jitter, list_image_tree, natural_crops, penalty_image
+from datasets.transforms import Preprocess
 from models.backbone import make_engine
 from models.padim import run_in_chunks
 from models.pdn import (IMAGE_SIZE, MAP_BORDER, MODEL_SIZES, OUT_CHANNELS, RECEPTIVE_FIELD, DistillationTarget,
@@ -225,6 +226,9 @@ class EfficientAD:
     """fit(train batches) -> state; feature_net(state) -> graph; score(outputs, stats) -> maps."""
 
     blur_sigma = 0.0  # the paper's maps are only upsampled
+    # Image pixels along each edge that no PDN output sees (score() sets them to the normal level),
+    # plus the two that bilinear upsampling mixes with them: tiles stitch around them.
+    map_border = 4 * MAP_BORDER + 2
 
     def __init__(self, config):
         self.config = config
@@ -238,6 +242,16 @@ class EfficientAD:
         return {"teacher_weights": args.teacher_weights, "imagenet_dir": args.imagenet_dir, "resume": args.resume,
                 "checkpoint_path": os.path.join(args.save_path, "checkpoints", f"{category}.ckpt"),
                 "checkpoint_every": args.checkpoint_every, "train_minutes": args.train_minutes}
+
+    @staticmethod
+    def check_geometry(config, max_stats_gb=None):
+        """The autoencoder's bottleneck and output size are built for 256x256 inputs (the paper's):
+        other frames are fed as 256-pixel tiles."""
+        _, h, w = Preprocess.from_config(config).input_shape
+        if (h, w) != (IMAGE_SIZE, IMAGE_SIZE):
+            raise UserError(f"efficientad takes {IMAGE_SIZE}x{IMAGE_SIZE} network inputs (its autoencoder is built "
+                            f"for them), got {h}x{w}: use --image_size {IMAGE_SIZE},{IMAGE_SIZE}, or --tile {IMAGE_SIZE} "
+                            f"for other sizes")
 
     def feature_net(self, state):
         net = EfficientADNet(self.model_size)

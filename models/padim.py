@@ -28,7 +28,7 @@ from threadpoolctl import ThreadpoolController
 from tqdm import tqdm
 
 from datasets.transforms import Preprocess
-from models.backbone import ResNetFeatures, concat_to_first, make_engine
+from models.backbone import ResNetFeatures, check_backbone_input, concat_to_first, make_engine
 from utils import UserError
 
 PROJECTIONS = ("sample", "h_sample", "ortho", "svd_ortho", "gaussian")
@@ -273,6 +273,25 @@ def mahalanobis(feats, mean, packed, scale):
     return np.sqrt(np.maximum(out, 0)).reshape(b, h, w)
 
 
+def positions_of_tiles(feats, tiles):
+    """[B * tiles, k, h, w] features of each image's tiles -> [B, k, tiles * h, w]: with tiling,
+    every position of every tile is its own Gaussian (tile i holds rows i*h .. i*h+h-1)."""
+    if tiles == 1:
+        return feats
+    bn, k, h, w = feats.shape
+    return feats.reshape(bn // tiles, tiles, k, h, w).transpose(0, 2, 1, 3, 4).reshape(bn // tiles, k, tiles * h, w)
+
+
+def statistics_bytes(config):
+    """(bytes the fit accumulates: float32 k x k per position, bytes of the packed model
+    statistics) for a PaDiM config: positions = (H/4 x W/4 of the network input) x tiles."""
+    preprocess = Preprocess.from_config(config)
+    _, h, w = preprocess.input_shape
+    tiles = preprocess.tiles.count if preprocess.tiles else 1
+    positions, k = tiles * (h // 4) * (w // 4), int(config["k"])
+    return positions * k * k * 4, positions * (k * (k + 1) + 4 * k + 4)
+
+
 # ---------------------------------------------------------------- the method
 class PaDiM:
     """fit(train batches) -> state; feature_net(state) -> graph; score(outputs, stats) -> patch maps."""
@@ -283,6 +302,18 @@ class PaDiM:
         self.config = config
         if config["method"] not in PROJECTIONS:
             raise UserError(f"unknown --method {config['method']}")
+
+    @staticmethod
+    def check_geometry(config, max_stats_gb=None):
+        """Before any fit: an input the backbone tiles, and statistics within `max_stats_gb`."""
+        check_backbone_input(Preprocess.from_config(config).input_shape, "PaDiM/OrthoAD")
+        if max_stats_gb is None:
+            return
+        fit_bytes, file_bytes = statistics_bytes(config)
+        if fit_bytes > max_stats_gb * 1e9:
+            raise UserError(f"the statistics would need {fit_bytes / 1e9:.1f} GB while fitting "
+                            f"({file_bytes / 1e9:.1f} GB in the model file), over --max_stats_gb {max_stats_gb:g}: "
+                            f"lower --k, --image_size or the number of tiles, or raise --max_stats_gb")
 
     def _channels(self):
         return ResNetFeatures(self.config["arch"], LAYERS).channels()
@@ -296,7 +327,8 @@ class PaDiM:
     def fit(self, batches, engine_kwargs, weights_path, progress=True):
         """`batches`: a callable returning a fresh iterator of image batches (svd_ortho reads twice)."""
         cfg = self.config
-        shape = Preprocess.from_config(cfg).input_shape
+        preprocess = Preprocess.from_config(cfg)
+        shape, tiles = preprocess.input_shape, preprocess.tiles.count if preprocess.tiles else 1
         net = PaDiMFeatureNet(cfg["arch"])
         net.backbone.load_pretrained(weights_path)
         gram = None
@@ -308,8 +340,8 @@ class PaDiM:
         acc = GaussianAccumulator()
         buffer, filled = None, 0
         for images in tqdm(batches(), desc="fit", unit="batch", disable=not progress, leave=False):
-            for i in range(len(images)):
-                f = engine(images[i:i + 1])[0]
+            for i in range(0, len(images), tiles):  # `batches` yields network inputs: an image's tiles in a row
+                f = positions_of_tiles(run_in_chunks(engine, images[i:i + tiles])[0], tiles)
                 if buffer is None:
                     per_image = f.nbytes
                     buffer = np.empty((max(1, min(ACCUMULATE_IMAGES, ACCUMULATE_BYTES // per_image)),) + f.shape[1:],
@@ -325,6 +357,8 @@ class PaDiM:
         state = {"projection_kind": kind, "projection": projection,
                  "net": {k: v.numpy() for k, v in net.state_dict().items()},
                  "stats": {"mean": mean, "precision_packed": packed, "precision_scale": scale}}
+        if tiles > 1:
+            state["stats"]["tiles"] = np.array(tiles)  # score() regroups each image's tiles (deployment too)
         return state, engine
 
     @staticmethod
@@ -332,7 +366,10 @@ class PaDiM:
         if "precision_packed" not in stats:
             raise UserError("this PaDiM/OrthoAD model stores full precision matrices (written before the "
                             "packed format); train it again")
-        return mahalanobis(outputs[0], stats["mean"], stats["precision_packed"], stats["precision_scale"])
+        tiles = int(stats.get("tiles", 1))
+        feats = positions_of_tiles(outputs[0], tiles)
+        distances = mahalanobis(feats, stats["mean"], stats["precision_packed"], stats["precision_scale"])
+        return distances.reshape(len(outputs[0]), *outputs[0].shape[2:])  # back to one map per tile
 
 
 def run_in_chunks(engine, images, chunk=1):

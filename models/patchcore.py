@@ -23,7 +23,7 @@ from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
 from datasets.transforms import Preprocess
-from models.backbone import ResNetFeatures, make_engine
+from models.backbone import ResNetFeatures, check_backbone_input, make_engine
 from models.padim import make_projection, over_positions, run_in_chunks
 from utils import UserError
 
@@ -275,6 +275,11 @@ class PatchCore:
         if self.use_faiss:
             import_faiss()
         self._bank = None  # (bank array, NearestBank) of the last stats scored
+
+    @staticmethod
+    def check_geometry(config, max_stats_gb=None):
+        """Any input the backbone tiles; tiles of an image all go into the one memory bank."""
+        check_backbone_input(Preprocess.from_config(config).input_shape, "PatchCore")
 
     def feature_net(self, state):
         if "basis" in state["stats"]:

@@ -77,11 +77,18 @@ class Detector:
     `engine`: callable images -> list of feature arrays (Paddle Inference, eager, or ONNX Runtime);
     `score`: the method's pure-numpy scorer (outputs, stats) -> [B, h, w] patch scores;
     `image_score`: optional (outputs, patch scores, stats) -> [B] for methods whose image score
-    is not the map maximum (PatchCore's re-weighting).
+    is not the map maximum (PatchCore's re-weighting);
+    `tiles`: the model's datasets.tiling.TileGrid when the network sees tiles of the image: the
+    engine is then wrapped to take whole images (TiledEngine) and the tiles' maps are stitched;
+    `tile_border`: pixels along each map's edges the method leaves unscored (EfficientAD), left
+    out of the stitching wherever another tile scores them.
     """
 
-    def __init__(self, engine, score, stats, map_size, calibration=None, blur_sigma=BLUR_SIGMA, image_score=None):
-        self.engine = engine
+    def __init__(self, engine, score, stats, map_size, calibration=None, blur_sigma=BLUR_SIGMA, image_score=None,
+                 tiles=None, tile_border=0):
+        self.tiles = tiles
+        self.tile_border = tile_border
+        self.engine = engine if tiles is None else TiledEngine(engine, tiles)
         self.score = score
         self.image_score = image_score
         self.stats = stats
@@ -90,11 +97,12 @@ class Detector:
         self.blur_sigma = blur_sigma
 
     @classmethod
-    def for_method(cls, method, engine, stats, map_size, calibration=None):
+    def for_method(cls, method, engine, stats, map_size, calibration=None, tiles=None):
         """The detector of a method: its scorer, image score and blur. Every entry point builds
         it here, so none can pair a method with another's post-processing."""
         return cls(engine, method.score, stats, map_size, calibration, image_score=getattr(method, "image_score", None),
-                   blur_sigma=getattr(method, "blur_sigma", BLUR_SIGMA))
+                   blur_sigma=getattr(method, "blur_sigma", BLUR_SIGMA), tiles=tiles,
+                   tile_border=getattr(method, "map_border", 0))
 
     def raw(self, images, chunk=1):
         """-> (image scores [B], maps [B,H,W]). Batch 1 through the engine is the fastest on
@@ -110,10 +118,28 @@ class Detector:
         # cores from the next image's oneDNN forward (PatchCore's forward ran 2.7x slower).
         with _BLAS.limit(limits=1, user_api="blas"):
             patch_scores = self.score(outputs, self.stats)
+            if self.tiles is not None:
+                return self.stitched(outputs, patch_scores)
             maps = anomaly_maps(patch_scores, self.map_size, self.blur_sigma)
             if self.image_score is not None:
                 return self.image_score(outputs, patch_scores, self.stats), maps
             return maps.reshape(len(maps), -1).max(axis=1), maps
+
+    def stitched(self, outputs, patch_scores):
+        """Tiled models: engine outputs and patch scores of every tile -> (image scores [B], maps
+        [B,H,W]). Each tile's scores are upsampled to the tile, the tiles averaged where they
+        overlap, and the blur runs over the whole frame (no seams at tile edges). Image score:
+        the map maximum, or the method's image score of the tile holding the largest patch
+        score (PatchCore: its re-weighting of the largest patch score over all tiles)."""
+        tiles = self.tiles
+        maps = tiles.stitch(anomaly_maps(patch_scores, (tiles.tile, tiles.tile), 0.0), self.tile_border)
+        if self.blur_sigma:
+            maps = anomaly_maps(maps, self.map_size, self.blur_sigma)
+        if self.image_score is None:
+            return maps.reshape(len(maps), -1).max(axis=1), maps
+        per_tile = patch_scores.reshape(len(maps), tiles.count, -1).max(axis=2)
+        best = per_tile.argmax(axis=1) + tiles.count * np.arange(len(maps))
+        return self.image_score([o[best] for o in outputs], patch_scores[best], self.stats), maps
 
     def predict(self, images):
         """Uniform output per image: pred_score, pred_label, anomaly_map, pred_mask (calibrated)."""
@@ -134,3 +160,18 @@ class Detector:
                 "pred_mask": (m >= c["pixel_threshold"]).astype(np.uint8),
             })
         return out
+
+
+class TiledEngine:
+    """An engine for tiled models that takes whole preprocessed images [B,3,H,W]: it cuts them
+    into the tiles the network was built for and returns the outputs of every tile, image by
+    image ([B * tiles, ...]), for Detector.stitched."""
+
+    def __init__(self, engine, tiles):
+        self.engine = engine
+        self.tiles = tiles
+
+    def __call__(self, images):
+        inputs = self.tiles.split(np.asarray(images, np.float32))
+        parts = [self.engine(inputs[i:i + 1]) for i in range(len(inputs))]  # batch 1: the fastest on CPU
+        return [np.concatenate([p[j] for p in parts]) for j in range(len(parts[0]))]
