@@ -51,7 +51,9 @@ def _header(data, name):
         return Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as err:  # over twice Image.MAX_IMAGE_PIXELS
         raise ImageTooLarge(f"image {name} is too large: {err}") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+    except UnidentifiedImageError:  # Pillow's message names the BytesIO object, not the image
+        raise UserError(f"cannot read image {name}: not an image format Pillow knows") from None
+    except (OSError, SyntaxError, ValueError) as err:
         raise UserError(f"cannot read image {name}: {err}") from None
 
 
@@ -90,7 +92,8 @@ def decode_rgb(data, name="image", max_pixels=None):
     if max_pixels is not None:
         width, height = _header(data, name).size
         if width * height > max_pixels:
-            raise ImageTooLarge(f"image {name} has {width}x{height} pixels, more than the limit of {max_pixels}")
+            raise ImageTooLarge(f"image {name} is too large: {width}x{height} pixels, more than the limit "
+                                f"of {max_pixels}")
     fast = _decode_rgb8_png(data)
     if fast is not None:
         return fast

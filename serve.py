@@ -1,0 +1,105 @@
+"""HTTP service over exported models: every category folder under --model_dir, loaded once.
+
+    python serve.py --model_dir inference --port 8866
+    curl --data-binary @IMAGE.png http://127.0.0.1:8866/predict/bottle
+
+POST /predict/{category}[?map=true], GET /health, /models, /metrics (Prometheus), / (a page to
+drop an image on). Binds 127.0.0.1 unless told otherwise; another --host needs --api_key (or
+$AD_API_KEY) or an explicit --no_auth. SIGTERM or Ctrl-C: stop accepting, answer what is in
+flight, exit 0.
+"""
+import argparse
+import logging
+import os
+import signal
+
+from utils import UserError, run_cli, str2bool
+
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model_dir", required=True, help="export_model.py folder, or a folder of category folders")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8866)
+    p.add_argument("--api_key", default=os.environ.get("AD_API_KEY"),
+                   help="required on every request but /health and the page (X-API-Key or Authorization: "
+                        "Bearer); default $AD_API_KEY")
+    p.add_argument("--no_auth", action="store_true", help="serve another --host without an API key")
+    p.add_argument("--max_batch", type=int, default=8, help="images per inference batch at most")
+    p.add_argument("--max_wait_ms", type=float, default=5.0,
+                   help="how long a batch waits for more requests after its first")
+    p.add_argument("--max_queue", type=int, default=64, help="requests per model waiting at most; more get 503")
+    p.add_argument("--max_image_mb", type=float, default=20.0, help="largest request body")
+    p.add_argument("--max_megapixels", type=float, default=40.0, help="largest decoded image (decompression bombs)")
+    p.add_argument("--decode_threads", type=int, default=2, help="threads decoding and preprocessing images")
+    p.add_argument("--use_gpu", type=str2bool, default=False)
+    p.add_argument("--use_tensorrt", type=str2bool, default=False)
+    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8"])
+    p.add_argument("--enable_mkldnn", type=str2bool, default=True)
+    p.add_argument("--cpu_threads", type=int, default=os.cpu_count() or 1, help="per model")
+    p.add_argument("--ir_optim", type=str2bool, default=True)
+    p.add_argument("--graceful_timeout", type=float, default=30.0,
+                   help="seconds to finish the requests in flight after SIGTERM")
+    p.add_argument("--access_log", action="store_true", help="log every request")
+    return p
+
+
+def check_args(args):
+    for name in ("max_batch", "max_queue", "decode_threads", "cpu_threads"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name} must be at least 1")
+    for name in ("max_wait_ms", "max_image_mb", "max_megapixels"):
+        if getattr(args, name) < 0 or (name != "max_wait_ms" and getattr(args, name) == 0):
+            raise UserError(f"--{name} must be positive")
+    if args.host not in LOCAL_HOSTS and not (args.api_key or args.no_auth):
+        raise UserError(f"--host {args.host} serves other machines: give --api_key KEY (or $AD_API_KEY), "
+                        f"or --no_auth to serve them without one")
+    if args.api_key is not None and not args.api_key.strip():
+        raise UserError("--api_key is empty")
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    check_args(args)
+    import uvicorn
+    from PIL import Image
+
+    from service.app import Limits, create_app
+    from service.metrics import ServiceMetrics
+    from service.workers import ModelWorker, find_model_dirs
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    max_pixels = int(args.max_megapixels * 1e6)
+    Image.MAX_IMAGE_PIXELS = max_pixels  # Pillow's own guard agrees with ours
+    engine_config = dict(use_gpu=args.use_gpu, enable_mkldnn=args.enable_mkldnn, cpu_threads=args.cpu_threads,
+                         ir_optim=args.ir_optim, precision=args.precision, use_tensorrt=args.use_tensorrt)
+    dirs = find_model_dirs(args.model_dir)
+    metrics = ServiceMetrics(list(dirs), args.max_batch)
+    workers = {c: ModelWorker(c, d, engine_config, metrics, args.max_batch, args.max_wait_ms, args.max_queue)
+               for c, d in dirs.items()}
+    failures = []
+
+    def load_failed(message):
+        failures.append(message)
+        server.should_exit = True
+
+    app = create_app(workers, api_key=args.api_key, decode_threads=args.decode_threads, metrics=metrics,
+                     limits=Limits(int(args.max_image_mb * 2**20), max_pixels), on_load_failure=load_failed)
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, access_log=args.access_log,
+                                           timeout_graceful_shutdown=args.graceful_timeout, log_level="info"))
+    # uvicorn re-raises the signal that stopped it once it has shut down gracefully; a no-op
+    # handler underneath turns that into a normal exit 0 (what a process manager expects).
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
+    server.run()
+    if failures:
+        raise UserError(f"cannot load the model for {failures[0]}")
+    if not server.started:
+        raise UserError(f"the server did not start on {args.host}:{args.port} (see the log above)")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
