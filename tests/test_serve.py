@@ -9,7 +9,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ import export_model
 import infer
 import train
 from conftest import ROOT
+from service.launch import ServiceProcess
 from test_report import browser  # noqa: F401 - the headless Chromium fixture
 from test_transforms import png_header_only
 
@@ -33,48 +33,8 @@ TEST_IMAGES = [("good", "000"), ("good", "001"), ("good", "002"),
                ("broken_large", "000"), ("broken_large", "001"), ("broken_large", "002")]
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """`python serve.py ...` on a free loopback port, its log in a file."""
-
-    def __init__(self, model_dir, log_path, *flags):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
-        with open(log_path, "w") as log:
-            self.proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "serve.py"), "--model_dir", model_dir,
-                                          "--port", str(self.port), "--cpu_threads", "2", *flags],
-                                         cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-
-    def wait_ready(self, timeout=180):
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            assert self.proc.poll() is None, self.log()
-            try:
-                if requests.get(self.url + "/health", timeout=2).status_code == 200:
-                    return self
-            except requests.ConnectionError:
-                pass
-            time.sleep(0.1)
-        raise AssertionError(f"not ready in {timeout} s:\n{self.log()}")
-
-    def log(self):
-        with open(self.log_path) as f:
-            return f.read()
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+def start(model_dir, log_path, *flags):
+    return ServiceProcess(model_dir, log_path, "--cpu_threads", "2", *flags)
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +64,7 @@ def exported(mvtec_lite, r18_weights, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(exported, tmp_path_factory):
-    srv = Server(exported[0], str(tmp_path_factory.mktemp("log") / "serve.log"), "--api_key", KEY,
+    srv = start(exported[0], str(tmp_path_factory.mktemp("log") / "serve.log"), "--api_key", KEY,
                  "--max_wait_ms", "100", "--max_batch", "8", "--max_image_mb", "1")
     try:
         yield srv.wait_ready()
@@ -255,7 +215,7 @@ def test_other_hosts_need_a_key_or_no_auth(exported):
 def test_overload_then_sigterm_answers_the_request_in_flight(exported, tmp_path):
     """A batch waits 1.5 s for company: two requests fill the queue, two more get 503; then
     SIGTERM while a request waits: it is answered and the process exits 0."""
-    srv = Server(exported[0], str(tmp_path / "serve.log"), "--max_queue", "2", "--max_wait_ms", "1500")
+    srv = start(exported[0], str(tmp_path / "serve.log"), "--max_queue", "2", "--max_wait_ms", "1500")
     try:
         srv.wait_ready()
         good = read(exported[1][0])
@@ -274,7 +234,8 @@ def test_overload_then_sigterm_answers_the_request_in_flight(exported, tmp_path)
         srv.stop()
 
 
-def test_health_is_503_until_every_model_has_loaded(exported):
+def in_process_app(exported):
+    """The app over a worker that is never started (no lifespan runs): -> (client, worker, metrics)."""
     from fastapi.testclient import TestClient
 
     from service.app import create_app
@@ -282,10 +243,28 @@ def test_health_is_503_until_every_model_has_loaded(exported):
     from service.workers import ModelWorker
     metrics = ServiceMetrics(["bottle"], 8)
     worker = ModelWorker("bottle", os.path.join(exported[0], "bottle"), {"cpu_threads": 1}, metrics)
-    client = TestClient(create_app({"bottle": worker}, metrics=metrics))  # no lifespan: nothing loads
+    return TestClient(create_app({"bottle": worker}, metrics=metrics)), worker, metrics
+
+
+def test_health_is_503_until_every_model_has_loaded(exported):
+    client, _, _ = in_process_app(exported)
     res = client.get("/health")
     assert res.status_code == 503 and res.json() == {"status": "loading", "loading": ["bottle"]}
     assert client.post("/predict/bottle", content=read(exported[1][0])).status_code == 503
+
+
+def test_an_internal_error_is_logged_not_shown(exported, caplog):
+    class Broken:
+        def decode(self, *args):
+            raise RuntimeError("secret internals /path/to/something")
+
+    client, worker, metrics = in_process_app(exported)
+    worker.ready.set()
+    worker.preprocess = Broken()
+    res = client.post("/predict/bottle", content=b"x")
+    assert res.status_code == 500 and res.json() == {"error": "internal error"}
+    assert "secret internals" in caplog.text and "Traceback" in caplog.text  # the server's log has it all
+    assert b'anomaly_errors_total{category="bottle",endpoint="predict",status="500"} 1.0' in metrics.exposition()
 
 
 # ---------------------------------------------------------------- the page
