@@ -70,7 +70,14 @@ def main(argv=None):
     from service.metrics import ServiceMetrics
     from service.workers import ModelWorker, find_model_dirs
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # The service's own lines (ready, load failures, internal errors with their traceback) in
+    # uvicorn's format; its own handler, as Paddle's import leaves the root logger at WARNING.
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s:     %(message)s"))
+    service_log = logging.getLogger("service")
+    service_log.addHandler(handler)
+    service_log.setLevel(logging.INFO)
+    service_log.propagate = False
     max_pixels = int(args.max_megapixels * 1e6)
     Image.MAX_IMAGE_PIXELS = max_pixels  # Pillow's own guard agrees with ours
     engine_config = dict(use_gpu=args.use_gpu, enable_mkldnn=args.enable_mkldnn, cpu_threads=args.cpu_threads,
