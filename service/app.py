@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from PIL import Image
@@ -115,7 +115,6 @@ def create_app(workers, api_key=None, limits=Limits(), decode_threads=2, metrics
 
     app = FastAPI(title="anomaly detection service", lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)
-    app.state.metrics = metrics
 
     def authorized(request):
         given = request.headers.get("x-api-key")
@@ -162,7 +161,8 @@ def create_app(workers, api_key=None, limits=Limits(), decode_threads=2, metrics
         return error_response(400, f"bad request: {problems}")
 
     @app.post("/predict/{category}")
-    async def predict(category: str, request: Request, map: bool = False):  # noqa: A002 - the query name
+    async def predict(category: str, request: Request, with_map: bool = Query(False, alias="map")):
+        loop = asyncio.get_running_loop()
         worker = workers.get(category)
         if worker is None:
             raise ApiError(404, f"unknown category {category!r}; served: {', '.join(workers)}")
@@ -174,7 +174,6 @@ def create_app(workers, api_key=None, limits=Limits(), decode_threads=2, metrics
             raise ApiError(503, f"overloaded: {err}", {"Retry-After": str(limits.retry_after_s)}) from None
         try:
             body = await read_body(request, limits.max_body_bytes)
-            loop = asyncio.get_running_loop()
             try:
                 chw, _ = await loop.run_in_executor(pool, worker.preprocess.decode, body, "in the request body",
                                                     limits.max_pixels)
@@ -185,7 +184,7 @@ def create_app(workers, api_key=None, limits=Limits(), decode_threads=2, metrics
             pred = await asyncio.wrap_future(worker.submit(chw))
         finally:
             worker.release()
-        if map:
+        if with_map:  # PNG encoding off the event loop
             return JSONResponse(await loop.run_in_executor(pool, prediction_record, worker, pred, True))
         return JSONResponse(prediction_record(worker, pred, False))
 

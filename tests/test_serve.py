@@ -268,7 +268,7 @@ def test_an_internal_error_is_logged_not_shown(exported, caplog):
 
 
 # ---------------------------------------------------------------- the page
-def test_page_scores_an_uploaded_image_in_chromium(server, exported, browser):
+def test_page_scores_an_uploaded_and_a_dropped_image_in_chromium(server, exported, browser):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
     path = exported[1][3]
@@ -289,3 +289,15 @@ def test_page_scores_an_uploaded_image_in_chromium(server, exported, browser):
     assert size == [64, 64]
     assert browser.execute_script("const m = document.getElementById('mask'); return m.complete && m.naturalWidth") \
         == 64
+    # Dropped on the page (a drop event carrying the file, as the browser makes for a dragged file).
+    other = exported[1][0]
+    want = post(server.url + "/predict/bottle", read(other)).json()
+    browser.execute_script("""
+        const bytes = Uint8Array.from(atob(arguments[0]), c => c.charCodeAt(0));
+        const dt = new DataTransfer();
+        dt.items.add(new File([bytes], "dropped.png", {type: "image/png"}));
+        document.getElementById("drop").dispatchEvent(new DragEvent("drop", {dataTransfer: dt, bubbles: true}));
+    """, base64.b64encode(read(other)).decode())
+    WebDriverWait(browser, 30).until(lambda d: d.execute_script("return document.body.dataset.state") == "done")
+    assert browser.find_element(By.ID, "score").text == f"{want['pred_score']:.4f}"
+    assert want["pred_label"] in browser.find_element(By.ID, "result").text
