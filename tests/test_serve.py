@@ -143,6 +143,10 @@ def test_concurrent_requests_are_batched_with_the_same_scores(server, exported):
     assert served == len(jobs) and batches < len(jobs), (served, batches)  # some batches held > 1 image
     assert metric(server, "anomaly_batch_size_bucket", category="bottle", le="1.0") < \
         metric(server, "anomaly_batch_size_count", category="bottle")
+    assert metric(server, "anomaly_queue_length", category="bottle") == 0  # all answered
+    assert metric(server, "anomaly_request_latency_seconds_count", endpoint="predict", category="bottle") >= \
+        len(jobs) + len(images)
+    assert metric(server, "anomaly_models_ready") == 2
 
 
 # ---------------------------------------------------------------- bad input
@@ -207,9 +211,13 @@ def test_api_key_on_every_request_but_health(server, exported):
 
 def test_other_hosts_need_a_key_or_no_auth(exported):
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "serve.py"), "--model_dir", exported[0],
-                           "--host", "0.0.0.0"], capture_output=True, text=True, timeout=60, cwd=ROOT)
+                           "--host", "0.0.0.0"], capture_output=True, text=True, timeout=60, cwd=ROOT,
+                          env={k: v for k, v in os.environ.items() if k != "AD_API_KEY"})
     assert proc.returncode == 2 and proc.stderr.startswith("error: --host 0.0.0.0") and \
         len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    import serve
+    for flags in (["--host", "10.0.0.1", "--api_key", "k"], ["--host", "10.0.0.1", "--no_auth"], []):
+        serve.check_args(serve.build_parser().parse_args(["--model_dir", "m", *flags]))  # accepted
 
 
 def test_overload_then_sigterm_answers_the_request_in_flight(exported, tmp_path):
