@@ -9,9 +9,7 @@ $AD_API_KEY) or an explicit --no_auth. SIGTERM or Ctrl-C: stop accepting, answer
 flight, exit 0.
 """
 import argparse
-import logging
 import os
-import signal
 
 from utils import UserError, run_cli, str2bool
 
@@ -63,49 +61,8 @@ def check_args(args):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     check_args(args)
-    import uvicorn
-    from PIL import Image
-
-    from service.app import Limits, create_app
-    from service.metrics import ServiceMetrics
-    from service.workers import ModelWorker, find_model_dirs
-
-    # The service's own lines (ready, load failures, internal errors with their traceback) in
-    # uvicorn's format; its own handler, as Paddle's import leaves the root logger at WARNING.
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(levelname)s:     %(message)s"))
-    service_log = logging.getLogger("service")
-    service_log.addHandler(handler)
-    service_log.setLevel(logging.INFO)
-    service_log.propagate = False
-    max_pixels = int(args.max_megapixels * 1e6)
-    Image.MAX_IMAGE_PIXELS = max_pixels  # Pillow's own guard agrees with ours
-    engine_config = dict(use_gpu=args.use_gpu, enable_mkldnn=args.enable_mkldnn, cpu_threads=args.cpu_threads,
-                         ir_optim=args.ir_optim, precision=args.precision, use_tensorrt=args.use_tensorrt)
-    dirs = find_model_dirs(args.model_dir)
-    metrics = ServiceMetrics(list(dirs), args.max_batch)
-    workers = {c: ModelWorker(c, d, engine_config, metrics, args.max_batch, args.max_wait_ms, args.max_queue)
-               for c, d in dirs.items()}
-    failures = []
-
-    def load_failed(message):
-        failures.append(message)
-        server.should_exit = True
-
-    app = create_app(workers, api_key=args.api_key, decode_threads=args.decode_threads, metrics=metrics,
-                     limits=Limits(int(args.max_image_mb * 2**20), max_pixels), on_load_failure=load_failed)
-    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, access_log=args.access_log,
-                                           timeout_graceful_shutdown=args.graceful_timeout, log_level="info"))
-    # uvicorn re-raises the signal that stopped it once it has shut down gracefully; a no-op
-    # handler underneath turns that into a normal exit 0 (what a process manager expects).
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: None)
-    server.run()
-    if failures:
-        raise UserError(f"cannot load the model for {failures[0]}")
-    if not server.started:
-        raise UserError(f"the server did not start on {args.host}:{args.port} (see the log above)")
-    return 0
+    from service.server import run_service
+    return run_service(args)
 
 
 if __name__ == "__main__":
