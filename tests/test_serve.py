@@ -221,9 +221,9 @@ def test_other_hosts_need_a_key_or_no_auth(exported):
 
 
 def test_overload_then_sigterm_answers_the_request_in_flight(exported, tmp_path):
-    """A batch waits 1.5 s for company: two requests fill the queue, two more get 503; then
+    """A batch waits 2 s for company: two requests fill the queue, two more get 503; then
     SIGTERM while a request waits: it is answered and the process exits 0."""
-    srv = start(exported[0], str(tmp_path / "serve.log"), "--max_queue", "2", "--max_wait_ms", "1500")
+    srv = start(exported[0], str(tmp_path / "serve.log"), "--max_queue", "2", "--max_wait_ms", "2000")
     try:
         srv.wait_ready()
         good = read(exported[1][0])
@@ -234,7 +234,10 @@ def test_overload_then_sigterm_answers_the_request_in_flight(exported, tmp_path)
         assert all(a.headers["Retry-After"] == "1" and "overloaded" in a.json()["error"] for a in refused)
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             in_flight = pool.submit(post, srv.url + "/predict/bottle", good, {})
-            time.sleep(0.5)
+            deadline = time.time() + 1.5
+            while metric(srv, "anomaly_queue_length", category="bottle") < 1 and time.time() < deadline:
+                time.sleep(0.02)  # until the server holds it (it waits up to 2 s for a batch)
+            assert not in_flight.done()
             srv.proc.send_signal(signal.SIGTERM)
             assert in_flight.result().status_code == 200
         assert srv.proc.wait(60) == 0, srv.log()
