@@ -89,7 +89,7 @@ class ModelWorker:
     def submit(self, chw):
         """A preprocessed image [3, H, W] -> a Future of its calibrated prediction (Detector.calibrated)."""
         future = concurrent.futures.Future()
-        self._queue.put((chw, future))
+        self._queue.put((chw, future, time.monotonic()))
         return future
 
     # ------------------------------------------------------------ the worker thread
@@ -118,16 +118,18 @@ class ModelWorker:
 
     def _collect(self):
         """The next batch: block for its first request, then take what arrives until it is full
-        or `max_wait` has passed since the first. None once stopped."""
+        or `max_wait` has passed since the first arrived. Under load the first has waited that
+        long already while the previous batch ran: the batch is then what is queued, and the
+        worker never idles while requests wait. None once stopped."""
         first = self._queue.get()
         if first is _STOP:
             return None
         batch = [first]
-        deadline = time.monotonic() + self.max_wait
+        deadline = first[2] + self.max_wait
         while len(batch) < self.max_batch:
+            remaining = deadline - time.monotonic()
             try:
-                item = self._queue.get(timeout=max(deadline - time.monotonic(), 0.0)) \
-                    if time.monotonic() < deadline else self._queue.get_nowait()
+                item = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
             except queue.Empty:
                 break
             if item is _STOP:
@@ -141,7 +143,7 @@ class ModelWorker:
         if batch is None:
             return False
         # A request whose client went away was cancelled: drop it; the rest can no longer be.
-        batch = [(chw, f) for chw, f in batch if f.set_running_or_notify_cancel()]
+        batch = [(chw, f) for chw, f, _ in batch if f.set_running_or_notify_cancel()]
         if not batch:
             return True
         futures = [f for _, f in batch]
