@@ -245,6 +245,16 @@ def test_overload_then_sigterm_answers_the_request_in_flight(exported, tmp_path)
         srv.stop()
 
 
+def test_model_dir_is_one_export_or_a_folder_of_them(exported, tmp_path):
+    from service.workers import find_model_dirs
+    from utils import UserError
+    root = exported[0]
+    assert find_model_dirs(root) == {"bottle": os.path.join(root, "bottle"), "bottle2": os.path.join(root, "bottle2")}
+    assert find_model_dirs(os.path.join(root, "bottle2")) == {"bottle": os.path.join(root, "bottle2")}  # its category
+    with pytest.raises(UserError, match="no exported model in"):
+        find_model_dirs(str(tmp_path))
+
+
 def in_process_app(exported):
     """The app over a worker that is never started (no lifespan runs): -> (client, worker, metrics)."""
     from fastapi.testclient import TestClient
