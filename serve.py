@@ -11,7 +11,7 @@ flight, exit 0.
 import argparse
 import os
 
-from utils import UserError, run_cli, str2bool
+from utils import UserError, add_inference_args, run_cli
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 
@@ -32,12 +32,7 @@ def build_parser():
     p.add_argument("--max_image_mb", type=float, default=20.0, help="largest request body")
     p.add_argument("--max_megapixels", type=float, default=40.0, help="largest decoded image (decompression bombs)")
     p.add_argument("--decode_threads", type=int, default=2, help="threads decoding and preprocessing images")
-    p.add_argument("--use_gpu", type=str2bool, default=False)
-    p.add_argument("--use_tensorrt", type=str2bool, default=False)
-    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8"])
-    p.add_argument("--enable_mkldnn", type=str2bool, default=True)
-    p.add_argument("--cpu_threads", type=int, default=os.cpu_count() or 1, help="per model")
-    p.add_argument("--ir_optim", type=str2bool, default=True)
+    add_inference_args(p)  # --cpu_threads: per model
     p.add_argument("--graceful_timeout", type=float, default=30.0,
                    help="seconds to finish the requests in flight after SIGTERM")
     p.add_argument("--access_log", action="store_true", help="log every request")

@@ -8,7 +8,7 @@ from PIL import Image
 from service.app import Limits, create_app
 from service.metrics import ServiceMetrics
 from service.workers import ModelWorker, find_model_dirs
-from utils import UserError
+from utils import UserError, inference_config
 
 
 def log_to_stderr():
@@ -28,8 +28,7 @@ def run_service(args):
     log_to_stderr()
     max_pixels = int(args.max_megapixels * 1e6)
     Image.MAX_IMAGE_PIXELS = max_pixels  # Pillow's own guard agrees with ours
-    engine_config = dict(use_gpu=args.use_gpu, enable_mkldnn=args.enable_mkldnn, cpu_threads=args.cpu_threads,
-                         ir_optim=args.ir_optim, precision=args.precision, use_tensorrt=args.use_tensorrt)
+    engine_config = inference_config(args)
     dirs = find_model_dirs(args.model_dir)
     metrics = ServiceMetrics(list(dirs), args.max_batch)
     workers = {c: ModelWorker(c, d, engine_config, metrics, args.max_batch, args.max_wait_ms, args.max_queue)
