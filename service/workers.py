@@ -97,9 +97,10 @@ class ModelWorker:
         self._thread.start()
 
     def stop(self, timeout=None):
-        """Answer everything queued, then end the thread."""
+        """Answer everything queued, then end the thread (if it was started)."""
         self._queue.put(_STOP)
-        self._thread.join(timeout)
+        if self._thread.ident is not None:
+            self._thread.join(timeout)
 
     def _run(self):
         try:  # the predictor is made in the thread that runs it

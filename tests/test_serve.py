@@ -267,6 +267,30 @@ def in_process_app(exported):
     return TestClient(create_app({"bottle": worker}, metrics=metrics)), worker, metrics
 
 
+def test_worker_batches_what_waits_and_drains_its_queue_when_stopped(exported):
+    """Requests that waited longer than --max_wait_ms form batches of up to --max_batch at once;
+    after stop() every queued request is still answered, in order."""
+    from service.metrics import ServiceMetrics
+    from service.workers import ModelWorker
+
+    class Doubling:  # stands in for the Detector: the image's first pixel, twice, as its score
+        def raw(self, images):
+            return 2 * images[:, 0, 0, 0], images[:, 0]
+
+        def calibrated(self, scores, maps):
+            return [{"raw_score": float(v)} for v in scores]
+
+    metrics = ServiceMetrics(["bottle"], 4)
+    worker = ModelWorker("bottle", os.path.join(exported[0], "bottle"), {}, metrics, max_batch=4, max_wait_ms=0)
+    worker.detector = Doubling()
+    futures = [worker.submit(np.full((3, 2, 2), i, np.float32)) for i in range(10)]
+    worker.stop()  # queued behind the ten; the thread was never started: its loop runs here
+    while worker._serve_batch():
+        pass
+    assert [f.result(0)["raw_score"] for f in futures] == [2.0 * i for i in range(10)]
+    assert b'anomaly_batch_size_count{category="bottle"} 3.0' in metrics.exposition()  # 4 + 4 + 2
+
+
 def test_health_is_503_until_every_model_has_loaded(exported):
     client, _, _ = in_process_app(exported)
     res = client.get("/health")
