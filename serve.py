@@ -19,15 +19,16 @@ LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model_dir", required=True, help="export_model.py folder, or a folder of category folders")
-    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind; another than loopback needs a key")
     p.add_argument("--port", type=int, default=8866)
-    p.add_argument("--api_key", default=os.environ.get("AD_API_KEY"),
+    # Read from the environment in check_args, not as the default: -h would print the key.
+    p.add_argument("--api_key", default=None,
                    help="required on every request but /health and the page (X-API-Key or Authorization: "
-                        "Bearer); default $AD_API_KEY")
+                        "Bearer); if not given, $AD_API_KEY")
     p.add_argument("--no_auth", action="store_true", help="serve another --host without an API key")
     p.add_argument("--max_batch", type=int, default=8, help="images per inference batch at most")
     p.add_argument("--max_wait_ms", type=float, default=5.0,
-                   help="how long a batch waits for more requests after its first")
+                   help="how long a batch waits for more requests after its first arrived")
     p.add_argument("--max_queue", type=int, default=64, help="requests per model waiting at most; more get 503")
     p.add_argument("--max_image_mb", type=float, default=20.0, help="largest request body")
     p.add_argument("--max_megapixels", type=float, default=40.0, help="largest decoded image (decompression bombs)")
@@ -40,6 +41,8 @@ def build_parser():
 
 
 def check_args(args):
+    if args.api_key is None:
+        args.api_key = os.environ.get("AD_API_KEY")
     for name in ("max_batch", "max_queue", "decode_threads", "cpu_threads"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be at least 1")

@@ -209,7 +209,7 @@ def test_api_key_on_every_request_but_health(server, exported):
     assert metric(server, "anomaly_errors_total", endpoint="models", category="", status="401") >= 3
 
 
-def test_other_hosts_need_a_key_or_no_auth(exported):
+def test_other_hosts_need_a_key_or_no_auth(exported, monkeypatch):
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "serve.py"), "--model_dir", exported[0],
                            "--host", "0.0.0.0"], capture_output=True, text=True, timeout=60, cwd=ROOT,
                           env={k: v for k, v in os.environ.items() if k != "AD_API_KEY"})
@@ -218,6 +218,10 @@ def test_other_hosts_need_a_key_or_no_auth(exported):
     import serve
     for flags in (["--host", "10.0.0.1", "--api_key", "k"], ["--host", "10.0.0.1", "--no_auth"], []):
         serve.check_args(serve.build_parser().parse_args(["--model_dir", "m", *flags]))  # accepted
+    monkeypatch.setenv("AD_API_KEY", "from-env")
+    args = serve.build_parser().parse_args(["--model_dir", "m", "--host", "10.0.0.1"])
+    serve.check_args(args)
+    assert args.api_key == "from-env"
 
 
 def test_overload_then_sigterm_answers_the_request_in_flight(exported, tmp_path):
