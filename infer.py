@@ -15,7 +15,8 @@ import numpy as np
 import visualize
 from datasets.transforms import Preprocess, list_input_images
 from deploy import StageTimer, benchmark_report, format_report, load_deployed, now, resolve_files
-from utils import UserError, append_line, run_cli, str2bool, write_text_atomic
+from utils import (UserError, add_inference_args, append_line, inference_config, run_cli, str2bool,
+                   write_text_atomic)
 
 
 def build_parser():
@@ -28,12 +29,7 @@ def build_parser():
     p.add_argument("--input_file", required=True, nargs="+", help="image files or folders")
     p.add_argument("--batch_size", type=int, default=1)
     p.add_argument("--backend", default="paddle", choices=["paddle", "onnxruntime"])
-    p.add_argument("--use_gpu", type=str2bool, default=False)
-    p.add_argument("--use_tensorrt", type=str2bool, default=False)
-    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8"])
-    p.add_argument("--enable_mkldnn", type=str2bool, default=True)
-    p.add_argument("--cpu_threads", type=int, default=os.cpu_count() or 1)
-    p.add_argument("--ir_optim", type=str2bool, default=True)
+    add_inference_args(p)
     p.add_argument("--enable_benchmark", type=str2bool, default=False)
     p.add_argument("--warmup", type=int, default=1, help="batches left out of the benchmark means")
     p.add_argument("--save_path", default="output/infer", help="output folder")
@@ -68,9 +64,7 @@ def main(argv=None):
     if model_dir and args.category and os.path.isdir(os.path.join(model_dir, args.category)):
         model_dir = os.path.join(model_dir, args.category)
     files = resolve_files(model_dir, args.model_file, args.params_file, args.stats)
-    config = dict(use_gpu=args.use_gpu, enable_mkldnn=args.enable_mkldnn, cpu_threads=args.cpu_threads,
-                  ir_optim=args.ir_optim, precision=args.precision, use_tensorrt=args.use_tensorrt)
-    detector, meta = load_deployed(*files, backend=args.backend, **config)
+    detector, meta = load_deployed(*files, backend=args.backend, **inference_config(args))
     cfg = meta["config"]
     paths = list_input_images(args.input_file)
     stems = visualize.output_stems(paths)

@@ -65,6 +65,22 @@ def str2bool(value):
     raise argparse.ArgumentTypeError(f"expected a boolean, got {value!r}")
 
 
+def add_inference_args(parser):
+    """The Paddle Inference flags of the deployment entry points (infer.py, serve.py)."""
+    parser.add_argument("--use_gpu", type=str2bool, default=False)
+    parser.add_argument("--use_tensorrt", type=str2bool, default=False)
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8"])
+    parser.add_argument("--enable_mkldnn", type=str2bool, default=True)
+    parser.add_argument("--cpu_threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--ir_optim", type=str2bool, default=True)
+
+
+def inference_config(args):
+    """add_inference_args' flags -> the keyword arguments of deploy.load_deployed."""
+    return dict(use_gpu=args.use_gpu, enable_mkldnn=args.enable_mkldnn, cpu_threads=args.cpu_threads,
+                ir_optim=args.ir_optim, precision=args.precision, use_tensorrt=args.use_tensorrt)
+
+
 def set_seed(seed):
     random.seed(seed)
     np.random.seed(seed)

@@ -2,6 +2,7 @@
 
 One implementation so that every entry point feeds the network identical tensors.
 """
+import io
 import os
 from dataclasses import dataclass
 from functools import cached_property
@@ -32,29 +33,48 @@ def is_image_file(name):
     return name.lower().endswith(IMAGE_EXTENSIONS) and not os.path.basename(name).startswith(".")
 
 
-def _open(path):
+class ImageTooLarge(UserError):
+    """The header announces more pixels than allowed (a decompression bomb); nothing was decoded."""
+
+
+def _read(path):
     if not os.path.isfile(path):
         raise UserError(f"image not found: {path}")
     try:
-        img = Image.open(path)
-        img.load()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as err:
         raise UserError(f"cannot read image {path}: {err}") from None
+
+
+def _header(data, name):
+    """A PIL image that has read only its header (size, mode): nothing is decoded yet."""
+    try:
+        return Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as err:  # over twice Image.MAX_IMAGE_PIXELS
+        raise ImageTooLarge(f"image {name} is too large: {err}") from None
+    except UnidentifiedImageError:  # Pillow's message names the BytesIO object, not the image
+        raise UserError(f"cannot read image {name}: not an image format Pillow knows") from None
+    except (OSError, SyntaxError, ValueError) as err:
+        raise UserError(f"cannot read image {name}: {err}") from None
+
+
+def _open(data, name):
+    img = _header(data, name)
+    try:
+        img.load()
+    except Image.DecompressionBombError as err:
+        raise ImageTooLarge(f"image {name} is too large: {err}") from None
+    except (OSError, SyntaxError, ValueError) as err:
+        raise UserError(f"cannot read image {name}: {err}") from None
     return img
 
 
-def _decode_rgb8_png(path):
+def _decode_rgb8_png(data):
     """An 8-bit truecolour PNG without alpha decoded by libspng, else None (Pillow then decodes
     it, or names what is wrong with the file)."""
-    if pyspng is None or not path.lower().endswith(".png"):
-        return None
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError:
-        return None
     # IHDR is the first chunk: bit depth at byte 24, colour type at byte 25 (2: RGB, no alpha).
-    if data[:8] != b"\x89PNG\r\n\x1a\n" or data[12:16] != b"IHDR" or data[24:26] != b"\x08\x02":
+    if pyspng is None or data[:8] != b"\x89PNG\r\n\x1a\n" or data[12:16] != b"IHDR" or data[24:26] != b"\x08\x02":
         return None
     try:
         arr = pyspng.load(data)
@@ -65,12 +85,21 @@ def _decode_rgb8_png(path):
     return Image.fromarray(arr)
 
 
-def load_rgb(path):
-    """Any mode (grayscale, palette, RGBA, 16-bit) as 8-bit RGB."""
-    fast = _decode_rgb8_png(path)
+def decode_rgb(data, name="image", max_pixels=None):
+    """Encoded image bytes (a file's, or a request body) -> 8-bit RGB PIL image; any mode
+    (grayscale, palette, RGBA, 16-bit) is converted. With `max_pixels`, an image whose header
+    announces more pixels raises ImageTooLarge before anything is decoded."""
+    if not data:
+        raise UserError(f"cannot read image {name}: it is empty")
+    if max_pixels is not None:
+        width, height = _header(data, name).size
+        if width * height > max_pixels:
+            raise ImageTooLarge(f"image {name} is too large: {width}x{height} pixels, more than the limit "
+                                f"of {max_pixels}")
+    fast = _decode_rgb8_png(data)
     if fast is not None:
         return fast
-    img = _open(path)
+    img = _open(data, name)
     if img.mode in ("I;16", "I;16B", "I"):
         arr = np.asarray(img, dtype=np.float64)
         arr = (arr / max(arr.max(), 1.0) * 255.0).astype(np.uint8)
@@ -82,9 +111,14 @@ def load_rgb(path):
     return img.convert("RGB")
 
 
+def load_rgb(path):
+    """An image file as 8-bit RGB (decode_rgb)."""
+    return decode_rgb(_read(path), path)
+
+
 def load_mask(path):
     """Binary mask (any non-zero pixel is defect) as a PIL 'L' image of 0/255."""
-    img = _open(path)
+    img = _open(_read(path), path)
     arr = np.asarray(img.convert("L")) > 0
     return Image.fromarray((arr * 255).astype(np.uint8))
 
@@ -238,6 +272,10 @@ class Preprocess:
 
     def load(self, path):
         return self.image(load_rgb(path))
+
+    def decode(self, data, name="image", max_pixels=None):
+        """Encoded image bytes (a request body) -> as `image`; see decode_rgb."""
+        return self.image(decode_rgb(data, name, max_pixels))
 
 
 def denormalize(chw):

@@ -24,7 +24,7 @@ def test_fast_png_decoding_gives_pillows_pixels(mvtec_lite, tmp_path, monkeypatc
     own = str(tmp_path / "noise.png")
     Image.fromarray(rng.randint(0, 256, (37, 53, 3), dtype=np.uint8)).save(own)
     for path in [*paths, own]:
-        assert transforms._decode_rgb8_png(path) is not None, path  # the fast path was taken
+        assert transforms._decode_rgb8_png(open(path, 'rb').read()) is not None, path  # the fast path was taken
         np.testing.assert_array_equal(np.asarray(transforms.load_rgb(path)), _pillow_rgb(path, monkeypatch))
 
 
@@ -40,7 +40,7 @@ def test_other_pngs_go_through_pillow(tmp_path, monkeypatch):
     for name, img in files.items():
         path = str(tmp_path / name)
         img.save(path)
-        assert transforms._decode_rgb8_png(path) is None, name
+        assert transforms._decode_rgb8_png(open(path, 'rb').read()) is None, name
         rgb = np.asarray(transforms.load_rgb(path))
         assert rgb.shape == (8, 9, 3) and rgb.dtype == np.uint8
     # RGBA is composited on black, not decoded as its first three channels.
@@ -68,3 +68,28 @@ def test_normalising_by_table_equals_the_arithmetic():
             - transforms.IMAGENET_MEAN[:, None, None]) / transforms.IMAGENET_STD[:, None, None]
     assert chw.shape == (3, 30, 30) and chw.dtype == np.float32
     np.testing.assert_array_equal(chw, want)
+
+
+def png_header_only(width, height):
+    """A PNG whose header announces width x height 8-bit RGB pixels, with almost no pixel data."""
+    import struct
+    import zlib
+
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b""))
+
+
+def test_bytes_decode_like_files_and_bombs_are_refused_from_the_header(mvtec_lite):
+    path = os.path.join(mvtec_lite, "bottle", "test", "good", "000.png")
+    data = open(path, "rb").read()
+    np.testing.assert_array_equal(np.asarray(transforms.decode_rgb(data, max_pixels=256 * 256)),
+                                  np.asarray(transforms.load_rgb(path)))
+    with pytest.raises(transforms.ImageTooLarge, match="256x256 pixels, more than"):
+        transforms.decode_rgb(data, "body", max_pixels=256 * 255)
+    with pytest.raises(transforms.ImageTooLarge):  # 10^10 pixels: refused before any decoding
+        transforms.decode_rgb(png_header_only(100000, 100000), "bomb", max_pixels=10**8)
+    for bad in (b"", b"not an image", data[: len(data) // 2]):
+        with pytest.raises(UserError, match="cannot read image body"):
+            transforms.decode_rgb(bad, "body", max_pixels=10**8)

@@ -1,0 +1,67 @@
+"""HTTP service over exported models: every category folder under --model_dir, loaded once.
+
+    python serve.py --model_dir inference --port 8866
+    curl --data-binary @IMAGE.png http://127.0.0.1:8866/predict/bottle
+
+POST /predict/{category}[?map=true], GET /health, /models, /metrics (Prometheus), / (a page to
+drop an image on). Binds 127.0.0.1 unless told otherwise; another --host needs --api_key (or
+$AD_API_KEY) or an explicit --no_auth. SIGTERM or Ctrl-C: stop accepting, answer what is in
+flight, exit 0.
+"""
+import argparse
+import os
+
+from utils import UserError, add_inference_args, run_cli
+
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model_dir", required=True, help="export_model.py folder, or a folder of category folders")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind; another than loopback needs a key")
+    p.add_argument("--port", type=int, default=8866)
+    # Read from the environment in check_args, not as the default: -h would print the key.
+    p.add_argument("--api_key", default=None,
+                   help="required on every request but /health and the page (X-API-Key or Authorization: "
+                        "Bearer); if not given, $AD_API_KEY")
+    p.add_argument("--no_auth", action="store_true", help="serve another --host without an API key")
+    p.add_argument("--max_batch", type=int, default=8, help="images per inference batch at most")
+    p.add_argument("--max_wait_ms", type=float, default=5.0,
+                   help="how long a batch waits for more requests after its first arrived")
+    p.add_argument("--max_queue", type=int, default=64, help="requests per model waiting at most; more get 503")
+    p.add_argument("--max_image_mb", type=float, default=20.0, help="largest request body")
+    p.add_argument("--max_megapixels", type=float, default=40.0, help="largest decoded image (decompression bombs)")
+    p.add_argument("--decode_threads", type=int, default=2, help="threads decoding and preprocessing images")
+    add_inference_args(p)  # --cpu_threads: per model
+    p.add_argument("--graceful_timeout", type=float, default=30.0,
+                   help="seconds to finish the requests in flight after SIGTERM")
+    p.add_argument("--access_log", action="store_true", help="log every request")
+    return p
+
+
+def check_args(args):
+    if args.api_key is None:
+        args.api_key = os.environ.get("AD_API_KEY")
+    for name in ("max_batch", "max_queue", "decode_threads", "cpu_threads"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name} must be at least 1")
+    for name in ("max_wait_ms", "max_image_mb", "max_megapixels"):
+        if getattr(args, name) < 0 or (name != "max_wait_ms" and getattr(args, name) == 0):
+            raise UserError(f"--{name} must be positive")
+    if args.host not in LOCAL_HOSTS and not (args.api_key or args.no_auth):
+        raise UserError(f"--host {args.host} serves other machines: give --api_key KEY (or $AD_API_KEY), "
+                        f"or --no_auth to serve them without one")
+    if args.api_key is not None and not args.api_key.strip():
+        raise UserError("--api_key is empty")
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    check_args(args)
+    from service.server import run_service
+    return run_service(args)
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,55 @@
+"""serve.py's flags -> the model workers, the app and the uvicorn server; runs until SIGTERM."""
+import logging
+import signal
+
+import uvicorn
+from PIL import Image
+
+from service.app import Limits, create_app
+from service.metrics import ServiceMetrics
+from service.workers import ModelWorker, find_model_dirs
+from utils import UserError, inference_config
+
+
+def log_to_stderr():
+    """The service's own lines (ready, load failures, internal errors with their traceback) in
+    uvicorn's format, on a handler of their own: Paddle's import leaves the root logger at WARNING."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s:     %(message)s"))
+    service_log = logging.getLogger("service")
+    service_log.addHandler(handler)
+    service_log.setLevel(logging.INFO)
+    service_log.propagate = False
+
+
+def run_service(args):
+    """-> 0 after a graceful stop; a model that cannot be loaded, or a port that cannot be
+    bound, is a UserError once the server has stopped."""
+    log_to_stderr()
+    max_pixels = int(args.max_megapixels * 1e6)
+    Image.MAX_IMAGE_PIXELS = max_pixels  # Pillow's own guard agrees with ours
+    engine_config = inference_config(args)
+    dirs = find_model_dirs(args.model_dir)
+    metrics = ServiceMetrics(list(dirs), args.max_batch)
+    workers = {c: ModelWorker(c, d, engine_config, metrics, args.max_batch, args.max_wait_ms, args.max_queue)
+               for c, d in dirs.items()}
+    failures = []
+
+    def load_failed(message):
+        failures.append(message)
+        server.should_exit = True
+
+    app = create_app(workers, api_key=args.api_key, decode_threads=args.decode_threads, metrics=metrics,
+                     limits=Limits(int(args.max_image_mb * 2**20), max_pixels), on_load_failure=load_failed)
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, access_log=args.access_log,
+                                           timeout_graceful_shutdown=args.graceful_timeout, log_level="info"))
+    # uvicorn re-raises the signal that stopped it once it has shut down gracefully; a no-op
+    # handler underneath turns that into a normal exit 0 (what a process manager expects).
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
+    server.run()
+    if failures:
+        raise UserError(f"cannot load the model for {failures[0]}")
+    if not server.started:
+        raise UserError(f"the server did not start on {args.host}:{args.port} (see the log above)")
+    return 0
