@@ -16,7 +16,8 @@ import predict as predict_script
 import train as train_script
 from conftest import assert_deployed_matches_predict
 from models import load_model
-from models.patchcore import NearestBank, PatchCore, channel_pool_matrix, greedy_k_center
+from models.nn_index import BruteForceIndex, FaissIndex, GroupedIndex
+from models.patchcore import PatchCore, channel_pool_matrix, greedy_k_center
 from utils import UserError, run_cli
 
 CORESET = ["--method", "coreset", "--arch", "resnet18", "--coreset_ratio", "0.1"]
@@ -102,7 +103,7 @@ def test_channel_pooling_is_adaptive_average_pooling():
 def test_exact_search_matches_brute_force():
     rng = np.random.RandomState(1)
     bank, queries = rng.randn(700, 24).astype(np.float32), rng.randn(300, 24).astype(np.float32)
-    dist, idx = NearestBank(bank).search(queries, 5)
+    dist, idx = BruteForceIndex(bank).search(queries, 5)
     full = np.sqrt(((queries[:, None].astype(np.float64) - bank[None]) ** 2).sum(-1))
     np.testing.assert_array_equal(idx, np.argsort(full, axis=1)[:, :5])
     np.testing.assert_allclose(dist, np.sort(full, axis=1)[:, :5], rtol=1e-4)
@@ -138,7 +139,7 @@ def test_exact_and_faiss_give_the_same_scores():
     pytest.importorskip("faiss", reason="faiss not installed (pip install faiss-cpu): faiss search untested")
     rng = np.random.RandomState(4)
     bank, queries = rng.randn(900, 32).astype(np.float32), rng.randn(400, 32).astype(np.float32)
-    (d_exact, i_exact), (d_faiss, i_faiss) = NearestBank(bank).search(queries, 9), NearestBank(bank, True).search(queries, 9)
+    (d_exact, i_exact), (d_faiss, i_faiss) = BruteForceIndex(bank).search(queries, 9), FaissIndex(bank).search(queries, 9)
     np.testing.assert_array_equal(i_exact, i_faiss)
     np.testing.assert_allclose(d_exact, d_faiss, rtol=1e-4)
     outputs, stats = random_outputs(rng, bank_size=300, dim=32)
