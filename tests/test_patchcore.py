@@ -255,7 +255,9 @@ def test_deployed_batches_and_grouped_search_on_the_bottle_bank(coreset_run, mvt
     brute_d, brute_i = BruteForceIndex(bank).search(queries, 1)
     got_d, got_i = grouped.search(queries, 1)
     np.testing.assert_array_equal(got_i, brute_i)
-    np.testing.assert_allclose(got_d, brute_d, rtol=1e-4)  # brute force's |q|^2 - 2 q.p + |p|^2 rounds more
+    # Brute force's float32 |q|^2 - 2 q.p + |p|^2 errs by up to ~1e-4 absolute on small distances;
+    # the grouped search sums squared differences, and matches float64 to 1e-5 below.
+    np.testing.assert_allclose(got_d, brute_d, rtol=1e-4, atol=5e-4)
     for q, k in ((queries[::20], 1), (queries[::40], 9), (bank[::100], 9)):
         want_d, want_i = float64_knn(bank, q, k)
         got_d, got_i = grouped.search(q, k)
@@ -264,6 +266,6 @@ def test_deployed_batches_and_grouped_search_on_the_bottle_bank(coreset_run, mvt
     assert grouped.distance_share() < 0.5
     exact, fast = PatchCore(config(nn_search="brute")), PatchCore(config())
     patches = fast.score(outputs, stats)
-    np.testing.assert_allclose(patches, exact.score(outputs, stats), rtol=1e-4)
+    np.testing.assert_allclose(patches, exact.score(outputs, stats), rtol=1e-4, atol=5e-4)
     np.testing.assert_allclose(fast.image_score(outputs, patches, stats), exact.image_score(outputs, patches, stats),
                                rtol=1e-6)
