@@ -122,6 +122,8 @@ def load_deployed(model_file, params_file, stats_path, backend="paddle", **confi
         raise UserError(f"unknown --backend {backend}; choose paddle or onnxruntime")
     method = build_method(cfg)
     detector = Detector.for_method(method, engine, stats, Preprocess.from_config(cfg).map_size, meta["calibration"])
+    if config_kwargs.get("use_gpu"):
+        detector.engine_chunk = 0  # a GPU runs a whole batch in one call: batching is what it is for
     probe = np.zeros((1, *meta["input_shape"]), np.float32)
     try:
         outputs = engine(probe)
