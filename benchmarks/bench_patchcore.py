@@ -40,7 +40,7 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=521)
     args = parser.parse_args(argv)
     set_seed(args.seed)
-    config = {"method": "coreset", "arch": args.arch, "seed": args.seed, "crop_size": 224,
+    config = {"method": "coreset", "arch": args.arch, "seed": args.seed, "resize": 256, "crop_size": 224,
               "coreset_ratio": args.coreset_ratio, "num_neighbors": args.num_neighbors}
     method = PatchCore(config)
     _, engine = method.feature_engine(args.backbone_weights, {"engine": "inference"})

@@ -277,7 +277,7 @@ class PatchCore:
         return bank, projection
 
     def nearest_index(self, stats):
-        """The search index of the bank, built once per bank (grouped: ~0.2 s for 10% of bottle)."""
+        """The search index of the bank, built once per bank (grouped: 0.5-0.8 s for 10% of bottle)."""
         bank = stats["memory_bank"]
         if self._index is None or self._index[0] is not bank:
             self._index = (bank, build_index(bank, self.search_kind))
