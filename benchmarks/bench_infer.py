@@ -158,7 +158,8 @@ def main():
                     print(f"[{name}] eager predict (network + post-processing, no image loading): {eager_ms:.1f} "
                           f"ms/img = {eager_ms / total:.1f}x infer.py;  anomalib here: PaDiM 58 ms/img, "
                           f"PatchCore 138 ms/img")
-            print(f"[{name}] cpu_rss {json.loads(open(os.path.join(run, f'bench{batches[-1]}.log')).read().splitlines()[-1])['cpu_rss_mb']} MB")
+            with open(os.path.join(run, f"bench{batches[-1]}.log")) as f:
+                print(f"[{name}] cpu_rss {json.loads(f.read().splitlines()[-1])['cpu_rss_mb']} MB")
 
 
 if __name__ == "__main__":

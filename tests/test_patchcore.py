@@ -140,7 +140,8 @@ def test_exact_and_faiss_give_the_same_scores():
     pytest.importorskip("faiss", reason="faiss not installed (pip install faiss-cpu): faiss search untested")
     rng = np.random.RandomState(4)
     bank, queries = rng.randn(900, 32).astype(np.float32), rng.randn(400, 32).astype(np.float32)
-    (d_exact, i_exact), (d_faiss, i_faiss) = BruteForceIndex(bank).search(queries, 9), FaissIndex(bank).search(queries, 9)
+    d_exact, i_exact = BruteForceIndex(bank).search(queries, 9)
+    d_faiss, i_faiss = FaissIndex(bank).search(queries, 9)
     np.testing.assert_array_equal(i_exact, i_faiss)
     np.testing.assert_allclose(d_exact, d_faiss, rtol=1e-4)
     outputs, stats = random_outputs(rng, bank_size=300, dim=32)
@@ -245,7 +246,8 @@ def test_deployed_batches_and_grouped_search_on_the_bottle_bank(coreset_run, mvt
     assert export_model.main([*CORESET, "--model_path", os.path.join(coreset_run, "bottle.pdparams"),
                               "--save_dir", deployed]) == 0
     test_dir = os.path.join(mvtec_lite, "bottle", "test")
-    images = [os.path.join(test_dir, d, f"{i:03d}.png") for d, n in (("broken_large", 2), ("good", 3)) for i in range(n)]
+    images = [os.path.join(test_dir, d, f"{i:03d}.png")
+              for d, n in (("broken_large", 2), ("good", 3)) for i in range(n)]
     detector, x = assert_batches_match_batch_1(deployed, images, tmp_path)
     stats = detector.stats
     bank = stats["memory_bank"]
