@@ -124,6 +124,8 @@ def load_deployed(model_file, params_file, stats_path, backend="paddle", **confi
     preprocess = Preprocess.from_config(cfg)
     detector = Detector.for_method(method, engine, stats, preprocess.map_size, meta["calibration"],
                                    tiles=preprocess.tiles)
+    if config_kwargs.get("use_gpu"):
+        detector.engine_chunk = 0  # a GPU runs a whole batch in one call: batching is what it is for
     probe = np.zeros((1, 3, *preprocess.map_size), np.float32)  # one whole image: all its tiles when tiled
     try:
         outputs = detector.engine(probe)

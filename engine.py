@@ -33,6 +33,7 @@ LITE_STEPS, LITE_MINUTES, LITE_CROP = 600, 13.0, 128
 # ---------------------------------------------------------------- flags
 def add_model_args(parser):
     from models import METHODS
+    from models.nn_index import INDEX_KINDS
     parser.add_argument("--method", default="ortho", choices=sorted(METHODS),
                         help="feature reduction / method: sample (PaDiM), h_sample, ortho (OrthoAD), svd_ortho, gaussian, "
                              "coreset (PatchCore)")
@@ -43,7 +44,11 @@ def add_model_args(parser):
     parser.add_argument("--num_neighbors", type=int, default=9,
                         help="coreset: bank neighbours in the image-score re-weighting (1: plain maximum)")
     parser.add_argument("--faiss", action="store_true",
-                        help="coreset: nearest-neighbour search with faiss IndexFlatL2 (pip install faiss-cpu)")
+                        help="coreset: nearest-neighbour search with faiss IndexFlatL2 (pip install faiss-cpu); "
+                             "same as --nn_search faiss")
+    parser.add_argument("--nn_search", default="grouped", choices=INDEX_KINDS,
+                        help="coreset: exact nearest-neighbour search: grouped (bank grouped around its first coreset "
+                             "centres, triangle-inequality pruning), brute (every distance) or faiss")
     parser.add_argument("--model_size", default="small", choices=["small", "medium"], help="efficientad: PDN size")
     parser.add_argument("--train_steps", type=int, default=None,
                         help="efficientad: training steps (default: the paper's 70000; 60000 with --distill)")
@@ -169,7 +174,8 @@ def method_config(args):
 def runtime_config(config, args):
     """The model's config plus the flags that change how it runs, not what it computes
     (never saved: a model trained with --faiss scores the same without it)."""
-    return dict(config, faiss=getattr(args, "faiss", False))
+    search = "faiss" if getattr(args, "faiss", False) else getattr(args, "nn_search", "grouped")
+    return dict(config, nn_search=search)
 
 
 def engine_kwargs(args):

@@ -46,7 +46,7 @@ def predict_batch(detector, cfg, paths, timer):
     loaded = [preprocess.load(p) for p in paths]
     images = np.stack([chw for chw, _ in loaded])
     t1 = now()
-    outputs = detector.engine(images)
+    outputs = detector.features(images)
     t2 = now()
     scores, maps = detector.postprocess(outputs)
     preds = detector.calibrated(scores, maps)

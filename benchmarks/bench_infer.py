@@ -1,8 +1,10 @@
-"""Deployment latency: infer.py (Paddle Inference + oneDNN, batch 1) per image, split into
-preprocess / inference / postprocess, beside the bare R18 layer1-3 forward under the same
-config and beside eager predict.py, measured in one run. Prints figures; asserts nothing.
+"""Deployment latency: infer.py (Paddle Inference + oneDNN) per image at each --batch_size,
+split into preprocess / inference / postprocess, beside the bare R18 layer1-3 forward at the
+same batch size under the same config (and, at batch 1, beside eager predict.py), measured in
+one run; for PatchCore also the nearest-neighbour search (grouped vs brute force: share of
+distances computed, ms/img). Prints figures; asserts nothing.
 
-    python benchmarks/bench_infer.py [--methods ortho,coreset] [--threads 2] [--images 40]
+    python benchmarks/bench_infer.py [--methods ortho,coreset10] [--batch_size 1,8] [--threads 2] [--images 40]
 """
 import argparse
 import json
@@ -20,12 +22,15 @@ import infer  # noqa: E402
 import train  # noqa: E402
 from datasets import test_samples  # noqa: E402
 from deploy import StageTimer, load_deployed, resolve_files  # noqa: E402
+from models import build_method  # noqa: E402
 from models.backbone import make_engine  # noqa: E402
+from models.postprocess import Detector  # noqa: E402
 
 METHOD_FLAGS = {
     "ortho": ["--method", "ortho", "--k", "100"],
     "sample": ["--method", "sample", "--k", "100"],
     "coreset": ["--method", "coreset", "--coreset_ratio", "0.01"],
+    "coreset10": ["--method", "coreset", "--coreset_ratio", "0.1"],
     # Latency does not depend on how far the networks are trained: a teacher distilled for a
     # few steps on the bottle train images and a short student run stand in for the real ones.
     "efficientad": ["--method", "efficientad", "--train_steps", "20"],
@@ -45,13 +50,87 @@ def method_flags(name, tmp, threads):
     return flags
 
 
+def batch_figures(name, deployed, paths, images, floor, batch, threads, log):
+    """infer.py --batch_size `batch` against the bare forward at the same batch size: the
+    AutoLog report between two floor timings, then the stages alternated batch by batch."""
+    # The floor is timed right before and right after infer.py and averaged, so a drift of the
+    # machine's speed during the run does not land on one side of the ratio.
+    before_ms = 1000 * time_per_image(floor, images, batch=batch)
+    infer.main(["--model_dir", deployed, "--input_file", *paths, "--cpu_threads", str(threads), "--batch_size",
+                str(batch), "--enable_mkldnn", "True", "--enable_benchmark", "True", "--warmup", "2",
+                "--save_path", os.path.join(os.path.dirname(log), f"infer{batch}"), "--save_log_path", log])
+    bare_ms = (before_ms + 1000 * time_per_image(floor, images, batch=batch)) / 2
+    report = json.loads(open(log).read().splitlines()[-1])
+    total = report["total_time_ms"]
+    tag = f"[{name} b{batch}]"
+    print(f"\n{tag} bare R18 layer1-3 forward, Paddle Inference + oneDNN, {threads} threads, batch {batch}: "
+          f"{bare_ms:.1f} ms/img (before {before_ms:.1f}, after {2 * bare_ms - before_ms:.1f})")
+    print(f"{tag} infer.py per image: preprocess {report['preprocess_time_ms']:.1f} + inference "
+          f"{report['inference_time_ms']:.1f} + postprocess {report['postprocess_time_ms']:.1f} = {total:.1f} ms")
+    network_post = report["inference_time_ms"] + report["postprocess_time_ms"]
+    print(f"{tag} infer.py / bare forward: {total / bare_ms:.2f}x (inference only: "
+          f"{report['inference_time_ms'] / bare_ms:.2f}x, inference + postprocess: {network_post / bare_ms:.2f}x, "
+          f"preprocess = image decoding + crop + normalise: {report['preprocess_time_ms'] / bare_ms:.2f}x)")
+    # Drift-proof ratio: infer.py's own per-batch stages (predict_batch) and the bare forward
+    # (as one batch, and image by image as the Detector runs it) alternate batch by batch on the
+    # same deployed files; medians after `warm` batches.
+    detector, meta = load_deployed(*resolve_files(deployed), cpu_threads=threads, enable_mkldnn=True)
+    warm = 2 if batch == 1 else 1
+    timer, bare_times, single_times = StageTimer(warmup=warm), [], []
+    for lo in range(0, len(paths) - batch + 1, batch):
+        infer.predict_batch(detector, meta["config"], paths[lo:lo + batch], timer)
+        t0 = time.perf_counter()
+        floor(images[lo:lo + batch])
+        t1 = time.perf_counter()
+        for i in range(lo, lo + batch) if batch > 1 else ():
+            floor(images[i:i + 1])
+        bare_times.append(1000 * (t1 - t0) / batch)
+        single_times.append(1000 * (time.perf_counter() - t1) / batch)
+    stages = {stage: float(np.median(timer.times[stage][warm:])) for stage in timer.times}
+    bare_median, total_median = float(np.median(bare_times[warm:])), sum(stages.values())
+    print(f"{tag} interleaved with the bare forward, medians: preprocess {stages['preprocess']:.1f} + "
+          f"inference {stages['inference']:.1f} + postprocess {stages['postprocess']:.1f} = "
+          f"{total_median:.1f} ms/img vs bare at batch {batch} {bare_median:.1f} ms/img: "
+          f"{total_median / bare_median:.2f}x (inference + postprocess "
+          f"{(stages['inference'] + stages['postprocess']) / bare_median:.2f}x); targets at batch 8: "
+          f"ortho k=100 <= 1.10x, coreset 10% <= 1.5x")
+    if batch > 1:
+        single_median = float(np.median(single_times[warm:]))
+        print(f"{tag} the bare forward image by image in the same loop: {single_median:.1f} ms/img "
+              f"(infer.py runs the network so): infer.py {total_median / single_median:.2f}x that")
+    return detector, meta, total
+
+
+def search_figures(name, detector, meta, images, batch):
+    """PatchCore post-processing (patch scores + re-weighted image score + maps) per image with
+    each exact search over the same network outputs, and the share of distances computed."""
+    outputs = [detector.features(images[lo:lo + batch]) for lo in range(0, len(images) - batch + 1, batch)]
+    timings = {}
+    for kind in ("brute", "grouped"):
+        method = build_method(dict(meta["config"], nn_search=kind))
+        scorer = Detector.for_method(method, detector.engine, detector.stats, detector.map_size)
+        scorer.postprocess(outputs[0])  # builds the index
+        index = method.nearest_index(detector.stats)
+        index.computed = index.possible = 0
+        t0 = time.perf_counter()
+        for out in outputs:
+            scorer.postprocess(out)
+        timings[kind] = 1000 * (time.perf_counter() - t0) / (len(outputs) * batch)
+        print(f"[{name} b{batch}] post-processing with the {kind} search: {timings[kind]:.1f} ms/img, "
+              f"{index.distance_share():.1%} of the query x bank distances computed "
+              f"(bank {len(detector.stats['memory_bank'])} rows)")
+    print(f"[{name} b{batch}] grouped search: {timings['brute'] / timings['grouped']:.1f}x faster than brute force")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--methods", default="ortho", help=f"comma list of {', '.join(METHOD_FLAGS)}")
+    parser.add_argument("--methods", default="ortho,coreset10", help=f"comma list of {', '.join(METHOD_FLAGS)}")
+    parser.add_argument("--batch_size", default="1,8", help="comma list of batch sizes")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--images", type=int, default=40, help="bottle test images timed")
     args = parser.parse_args()
     require_shared()
+    batches = [int(b) for b in args.batch_size.split(",")]
     samples = test_samples(DATA, "bottle")[: args.images]
     paths = [s.image_path for s in samples]
     images = load_images(samples)
@@ -64,49 +143,23 @@ def main():
                         "--save_path", run, "--no_progress", "--cpu_threads", str(args.threads)])
             deployed = os.path.join(run, "inference")
             export_model.main([*flags, "--model_path", os.path.join(run, "bottle.pdparams"), "--save_dir", deployed])
-            log = os.path.join(run, "bench.log")
-            # The floor is timed right before and right after infer.py and averaged, so a drift
-            # of the machine's speed during the run does not land on one side of the ratio.
-            before_ms = 1000 * time_per_image(floor, images)
-            infer.main(["--model_dir", deployed, "--input_file", *paths, "--cpu_threads", str(args.threads),
-                        "--enable_mkldnn", "True", "--enable_benchmark", "True", "--warmup", "2",
-                        "--save_path", os.path.join(run, "infer"), "--save_log_path", log])
-            bare_ms = (before_ms + 1000 * time_per_image(floor, images)) / 2
-            report = json.loads(open(log).read().splitlines()[-1])
-            eager_args = engine.parse(engine.parser_with(engine.add_model_args, engine.add_runtime_args),
-                                      [*flags, "--model_path", run, "--engine", "eager"])
-            _, eager, _ = engine.load_detector(eager_args, "bottle")
-            # Eager scoring on tensors at the model's own input size (EfficientAD: 256).
-            model_images = load_images(samples[:10], eager_args.resize, eager_args.crop_size)
-            eager_ms = 1000 * time_per_image(eager.raw, model_images)
-            total = report["total_time_ms"]
-            print(f"\n[{name}] bare R18 layer1-3 forward, Paddle Inference + oneDNN, {args.threads} threads, batch 1: "
-                  f"{bare_ms:.1f} ms/img (before {before_ms:.1f}, after {2 * bare_ms - before_ms:.1f})")
-            print(f"[{name}] infer.py per image: preprocess {report['preprocess_time_ms']:.1f} + inference "
-                  f"{report['inference_time_ms']:.1f} + postprocess {report['postprocess_time_ms']:.1f} = {total:.1f} ms")
-            network_post = report["inference_time_ms"] + report["postprocess_time_ms"]
-            print(f"[{name}] infer.py / bare forward: {total / bare_ms:.2f}x (inference only: "
-                  f"{report['inference_time_ms'] / bare_ms:.2f}x, inference + postprocess: {network_post / bare_ms:.2f}x, "
-                  f"preprocess = image decoding + crop + normalise: {report['preprocess_time_ms'] / bare_ms:.2f}x); "
-                  f"target for ortho k=100: <= 1.15x")
-            # Drift-proof ratio: infer.py's own per-image stages (predict_batch) and the bare
-            # forward alternate image by image on the same deployed files; medians.
-            detector, meta = load_deployed(*resolve_files(deployed), cpu_threads=args.threads, enable_mkldnn=True)
-            timer, bare_times = StageTimer(warmup=2), []
-            for path, image in zip(paths, images):
-                infer.predict_batch(detector, meta["config"], [path], timer)
-                t0 = time.perf_counter()
-                floor(image[None])
-                bare_times.append(1000 * (time.perf_counter() - t0))
-            stages = {stage: float(np.median(timer.times[stage][2:])) for stage in timer.times}
-            bare_median = float(np.median(bare_times[2:]))
-            print(f"[{name}] interleaved with the bare forward, medians: preprocess {stages['preprocess']:.1f} + "
-                  f"inference {stages['inference']:.1f} + postprocess {stages['postprocess']:.1f} = "
-                  f"{sum(stages.values()):.1f} ms vs bare {bare_median:.1f} ms: {sum(stages.values()) / bare_median:.2f}x "
-                  f"(inference + postprocess {(stages['inference'] + stages['postprocess']) / bare_median:.2f}x)")
-            print(f"[{name}] eager predict (network + post-processing, no image loading): {eager_ms:.1f} ms/img = "
-                  f"{eager_ms / total:.1f}x infer.py;  anomalib here: PaDiM 58 ms/img, PatchCore 138 ms/img")
-            print(f"[{name}] cpu_rss {report['cpu_rss_mb']} MB")
+            for batch in batches:
+                detector, meta, total = batch_figures(name, deployed, paths, images, floor, batch, args.threads,
+                                                      os.path.join(run, f"bench{batch}.log"))
+                if meta["config"]["method"] == "coreset":
+                    search_figures(name, detector, meta, images, batch)
+                if batch == 1:
+                    eager_args = engine.parse(engine.parser_with(engine.add_model_args, engine.add_runtime_args),
+                                              [*flags, "--model_path", run, "--engine", "eager"])
+                    _, eager, _ = engine.load_detector(eager_args, "bottle")
+                    # Eager scoring on tensors at the model's own input size (EfficientAD: 256).
+                    model_images = load_images(samples[:10], eager_args.resize, eager_args.crop_size)
+                    eager_ms = 1000 * time_per_image(eager.raw, model_images)
+                    print(f"[{name}] eager predict (network + post-processing, no image loading): {eager_ms:.1f} "
+                          f"ms/img = {eager_ms / total:.1f}x infer.py;  anomalib here: PaDiM 58 ms/img, "
+                          f"PatchCore 138 ms/img")
+            with open(os.path.join(run, f"bench{batches[-1]}.log")) as f:
+                print(f"[{name}] cpu_rss {json.loads(f.read().splitlines()[-1])['cpu_rss_mb']} MB")
 
 
 if __name__ == "__main__":

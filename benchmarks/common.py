@@ -45,12 +45,13 @@ def bare_backbone(arch="resnet18", weights=WEIGHTS, layers=("layer1", "layer2", 
     return Bare()
 
 
-def time_per_image(fn, images, repeat=1, warmup=2):
-    """Mean seconds per image of fn(one image batch) over all images, after warm-up calls."""
-    for i in range(min(warmup, len(images))):
-        fn(images[i:i + 1])
+def time_per_image(fn, images, repeat=1, warmup=2, batch=1):
+    """Mean seconds per image of fn(a batch of `batch` images) over all images, after warm-up calls."""
+    starts = range(0, len(images), batch)
+    for lo in list(starts)[:warmup]:
+        fn(images[lo:lo + batch])
     t0 = time.perf_counter()
     for _ in range(repeat):
-        for i in range(len(images)):
-            fn(images[i:i + 1])
+        for lo in starts:
+            fn(images[lo:lo + batch])
     return (time.perf_counter() - t0) / (repeat * len(images))

@@ -111,3 +111,36 @@ def assert_deployed_matches_predict(model_dir, flags, category, images, tmp_path
         assert got["raw_score"] == pytest.approx(rec["raw_score"], rel=1e-4)
         assert got["pred_label"] == rec["pred_label"]
         np.testing.assert_allclose(np.load(got["anomaly_map"]), np.load(rec["anomaly_map"]), atol=1e-3, rtol=0)
+
+
+def assert_batches_match_batch_1(deployed, images, tmp_path, batch_size=4):
+    """A batch is scored in one pass (PaDiM reads its statistics once, PatchCore searches the
+    batch's patches together); scores and maps equal batch 1's to 1e-6 relative, through the
+    Detector and through infer.py --batch_size."""
+    import json
+
+    import infer
+    from datasets.transforms import Preprocess
+    from deploy import load_deployed, resolve_files
+    records = []
+    for size in (1, batch_size):
+        out = str(tmp_path / f"batch{size}")
+        assert infer.main(["--model_dir", deployed, "--input_file", *images, "--cpu_threads", "2",
+                           "--batch_size", str(size), "--save_path", out]) == 0
+        with open(os.path.join(out, "infer_results.jsonl")) as f:
+            records.append({os.path.abspath(r["image_path"]): r for r in map(json.loads, f)})
+    single, batched = records
+    assert sorted(single) == sorted(batched) and len(single) == len(images)
+    for path, rec in single.items():
+        assert batched[path]["raw_score"] == pytest.approx(rec["raw_score"], rel=1e-6)
+        np.testing.assert_allclose(np.load(batched[path]["anomaly_map"]), np.load(rec["anomaly_map"]),
+                                   rtol=1e-6, atol=1e-7)
+    detector, meta = load_deployed(*resolve_files(deployed), cpu_threads=2)
+    preprocess = Preprocess.from_config(meta["config"])
+    x = np.stack([preprocess.load(p)[0] for p in images])
+    scores, maps = detector.raw(x)
+    for i in range(len(x)):
+        one_score, one_map = detector.raw(x[i:i + 1])
+        assert scores[i] == pytest.approx(one_score[0], rel=1e-6)
+        np.testing.assert_allclose(maps[i], one_map[0], rtol=1e-6, atol=1e-7)
+    return detector, x

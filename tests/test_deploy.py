@@ -10,7 +10,7 @@ import export_model
 import infer
 import predict
 import train
-from conftest import R18, make_synthetic_category
+from conftest import R18, assert_batches_match_batch_1, make_synthetic_category
 from datasets.transforms import list_input_images, load_and_preprocess
 from utils import UserError
 
@@ -93,6 +93,11 @@ def test_batches_and_reproduction_flags_give_the_same_scores(exported, test_imag
                   "--enable_mkldnn", "False", "--cpu_threads", "1")
     for path in a:
         assert b[path]["raw_score"] == pytest.approx(a[path]["raw_score"], rel=1e-4)
+
+
+def test_batch_scores_equal_batch_1(exported, test_images, tmp_path):
+    images = [os.path.join(d, f"{i:03d}.png") for d in test_images for i in range(3)]
+    assert_batches_match_batch_1(exported, images, tmp_path)
 
 
 def test_reproduction_style_flags(exported, test_images, tmp_path):

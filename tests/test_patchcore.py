@@ -14,9 +14,11 @@ import pytest
 import eval as eval_script
 import predict as predict_script
 import train as train_script
-from conftest import assert_deployed_matches_predict
+import export_model
+from conftest import assert_batches_match_batch_1, assert_deployed_matches_predict
 from models import load_model
-from models.patchcore import NearestBank, PatchCore, channel_pool_matrix, greedy_k_center
+from models.nn_index import BruteForceIndex, FaissIndex, GroupedIndex
+from models.patchcore import PatchCore, channel_pool_matrix, greedy_k_center, patch_rows
 from utils import UserError, run_cli
 
 CORESET = ["--method", "coreset", "--arch", "resnet18", "--coreset_ratio", "0.1"]
@@ -102,7 +104,7 @@ def test_channel_pooling_is_adaptive_average_pooling():
 def test_exact_search_matches_brute_force():
     rng = np.random.RandomState(1)
     bank, queries = rng.randn(700, 24).astype(np.float32), rng.randn(300, 24).astype(np.float32)
-    dist, idx = NearestBank(bank).search(queries, 5)
+    dist, idx = BruteForceIndex(bank).search(queries, 5)
     full = np.sqrt(((queries[:, None].astype(np.float64) - bank[None]) ** 2).sum(-1))
     np.testing.assert_array_equal(idx, np.argsort(full, axis=1)[:, :5])
     np.testing.assert_allclose(dist, np.sort(full, axis=1)[:, :5], rtol=1e-4)
@@ -138,7 +140,8 @@ def test_exact_and_faiss_give_the_same_scores():
     pytest.importorskip("faiss", reason="faiss not installed (pip install faiss-cpu): faiss search untested")
     rng = np.random.RandomState(4)
     bank, queries = rng.randn(900, 32).astype(np.float32), rng.randn(400, 32).astype(np.float32)
-    (d_exact, i_exact), (d_faiss, i_faiss) = NearestBank(bank).search(queries, 9), NearestBank(bank, True).search(queries, 9)
+    d_exact, i_exact = BruteForceIndex(bank).search(queries, 9)
+    d_faiss, i_faiss = FaissIndex(bank).search(queries, 9)
     np.testing.assert_array_equal(i_exact, i_faiss)
     np.testing.assert_allclose(d_exact, d_faiss, rtol=1e-4)
     outputs, stats = random_outputs(rng, bank_size=300, dim=32)
@@ -191,8 +194,8 @@ def raw_scores(save_path, test_root):
 
 
 def test_eval_and_predict_with_the_saved_model(coreset_run, mvtec_lite, tmp_path, capsys):
-    """eval.py on a small copy of the test set (with --faiss when installed: same scores as
-    training's exact search), then predict.py on two images."""
+    """eval.py on a small copy of the test set (with --faiss when installed, else brute force:
+    same scores as training's grouped search), then predict.py on two images."""
     subset = tmp_path / "data" / "bottle"
     picked = ["good/000.png", "good/001.png", "broken_large/000.png", "contamination/000.png"]
     for rel in picked:
@@ -202,7 +205,8 @@ def test_eval_and_predict_with_the_saved_model(coreset_run, mvtec_lite, tmp_path
             mask = rel.replace(".png", "_mask.png")
             os.makedirs(subset / "ground_truth" / os.path.dirname(rel), exist_ok=True)
             shutil.copy(os.path.join(mvtec_lite, "bottle", "ground_truth", mask), subset / "ground_truth" / mask)
-    search = ["--faiss"] if importlib.util.find_spec("faiss") else []
+    # Training scored with the grouped search: brute force (or faiss) gives the same scores.
+    search = ["--faiss"] if importlib.util.find_spec("faiss") else ["--nn_search", "brute"]
     out = str(tmp_path / "eval")
     assert eval_script.main(["--data_path", str(tmp_path / "data"), "--category", "bottle", *CORESET, *search,
                              "--model_path", coreset_run, "--save_path", out, "--no_progress",
@@ -225,3 +229,45 @@ def test_deployed_patchcore_matches_predict(coreset_run, mvtec_lite, tmp_path, c
     images = [os.path.join(test_dir, d, f"{i:03d}.png") for d in ("broken_large", "contamination", "good")
               for i in range(3)]
     assert_deployed_matches_predict(coreset_run, CORESET, "bottle", images, tmp_path, capsys)
+
+
+def float64_knn(bank, queries, k):
+    b, q = bank.astype(np.float64), queries.astype(np.float64)
+    d2 = (q ** 2).sum(1)[:, None] - 2 * q @ b.T + (b ** 2).sum(1)
+    idx = np.argsort(d2, axis=1, kind="stable")[:, :k]
+    return np.sqrt(np.maximum(np.take_along_axis(d2, idx, axis=1), 0)), idx
+
+
+def test_deployed_batches_and_grouped_search_on_the_bottle_bank(coreset_run, mvtec_lite, tmp_path):
+    """The deployed 10% bank: batch-4 scores equal batch-1 scores; on real patches the grouped
+    search finds brute force's neighbours (k=1, and the re-weighting's k=9 around bank rows)
+    and image scores, computing a small share of the distances."""
+    deployed = str(tmp_path / "deployed")
+    assert export_model.main([*CORESET, "--model_path", os.path.join(coreset_run, "bottle.pdparams"),
+                              "--save_dir", deployed]) == 0
+    test_dir = os.path.join(mvtec_lite, "bottle", "test")
+    images = [os.path.join(test_dir, d, f"{i:03d}.png")
+              for d, n in (("broken_large", 2), ("good", 3)) for i in range(n)]
+    detector, x = assert_batches_match_batch_1(deployed, images, tmp_path)
+    stats = detector.stats
+    bank = stats["memory_bank"]
+    outputs = detector.features(x)
+    queries = patch_rows(outputs[0])
+    grouped = GroupedIndex(bank)
+    brute_d, brute_i = BruteForceIndex(bank).search(queries, 1)
+    got_d, got_i = grouped.search(queries, 1)
+    np.testing.assert_array_equal(got_i, brute_i)
+    # Brute force's float32 |q|^2 - 2 q.p + |p|^2 errs by up to ~1e-4 absolute on small distances;
+    # the grouped search sums squared differences, and matches float64 to 1e-5 below.
+    np.testing.assert_allclose(got_d, brute_d, rtol=1e-4, atol=5e-4)
+    for q, k in ((queries[::20], 1), (queries[::40], 9), (bank[::100], 9)):
+        want_d, want_i = float64_knn(bank, q, k)
+        got_d, got_i = grouped.search(q, k)
+        np.testing.assert_array_equal(got_i, want_i)
+        np.testing.assert_allclose(got_d, want_d, rtol=1e-5, atol=1e-6)
+    assert grouped.distance_share() < 0.5
+    exact, fast = PatchCore(config(nn_search="brute")), PatchCore(config())
+    patches = fast.score(outputs, stats)
+    np.testing.assert_allclose(patches, exact.score(outputs, stats), rtol=1e-4, atol=5e-4)
+    np.testing.assert_allclose(fast.image_score(outputs, patches, stats), exact.image_score(outputs, patches, stats),
+                               rtol=1e-6)
