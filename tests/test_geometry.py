@@ -93,7 +93,7 @@ def test_tiled_image_score_hook_sees_the_tile_with_the_largest_patch_score():
         seen.append(outputs[0].shape)
         return patch_scores.reshape(len(patch_scores), -1).max(axis=1)
 
-    scores, maps = _toy_detector(TileGrid((64, 96), 32, 32), image_score=hook).raw(frames, chunk=2)
+    scores, maps = _toy_detector(TileGrid((64, 96), 32, 32), image_score=hook).raw(frames)
     assert seen == [(2, 1, 8, 8)]  # one tile per image reaches the method's image score
     np.testing.assert_allclose(scores, [9.0, 4.0])
     assert maps.shape == (2, 64, 96) and np.unravel_index(maps[0].argmax(), (64, 96))[1] > 64
