@@ -12,10 +12,12 @@ import numpy as np
 from tqdm import tqdm
 
 import metrics
+import scaleout
 from datasets import iterate_batches, open_dataset
 from datasets.transforms import Preprocess
 from models import build_method, check_model_matches, load_model, save_model
 from models.backbone import ARCHS, make_engine
+from models.padim_sums import save_sums
 from models.postprocess import Detector
 from utils import (UserError, dumps_json, fmt, format_table, peak_rss_mb, set_seed, str2bool,
                    write_csv_atomic, write_text_atomic)
@@ -84,6 +86,7 @@ def add_runtime_args(parser):
     parser.add_argument("--enable_mkldnn", type=str2bool, default=True, help="oneDNN on CPU")
     parser.add_argument("--cpu_threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--no_progress", action="store_true", help="hide progress bars")
+    scaleout.add_scaleout_args(parser)
 
 
 def add_eval_args(parser):
@@ -194,9 +197,18 @@ def train_category(args, category):
     fit_samples, calib_samples = (samples, []) if args.eval else split_calibration(samples, args.calib_ratio, args.seed)
     t0 = time.perf_counter()
     options = method.fit_options(args, category) if hasattr(method, "fit_options") else {}
-    state, engine = method.fit(image_batches(fit_samples, args, preprocess), engine_kwargs(args),
+    group = scaleout.split_group()  # set when the workers share this category's images
+    if group is not None:
+        options["group"] = group
+    if getattr(args, "keep_sums", False):
+        options["keep_sums"] = True
+    mine = fit_samples if group is None else scaleout.share_of(fit_samples, group)
+    state, engine = method.fit(image_batches(mine, args, preprocess), engine_kwargs(args),
                                args.backbone_weights, progress=not args.no_progress, **options)
     fit_s = time.perf_counter() - t0
+    if group is not None and group.rank != 0:
+        return {"category": category}  # worker 0 calibrates, evaluates and writes the model
+    sums = state.pop("sums", None)
     state["config"] = cfg
     state["category"] = category
     state["train_images"] = len(fit_samples)
@@ -215,6 +227,8 @@ def train_category(args, category):
     result = result or {"category": category}
     result["config"] = cfg
     result["timing"] = {"fit_s": fit_s, "train_images": len(fit_samples), "peak_rss_mb": peak_rss_mb()}
+    if sums is not None:  # before the model: an update never reads sums older than their model
+        save_sums(model_path_for(args, category), sums, cfg)
     save_model(model_path_for(args, category), state)
     return result
 
@@ -372,26 +386,42 @@ def run_categories(args, work, title):
 
 
 def run_each_category(args, work, title, on_result=None):
-    categories = open_dataset(args).categories(args.category)
+    dataset = open_dataset(args)
+    categories = dataset.categories(args.category)
+    plan = scaleout.plan_categories(args, dataset, categories, title)  # a plain run: all, as before
     results, failed = [], []
-    for category in categories:
-        print(f"[{title}] {category}")
+    for category in plan.categories:
+        if plan.writes:
+            print(f"[{title}] {category}")
         try:
-            result = work(args, category)
+            with plan.working_on(category):
+                result = work(args, category)
         except UserError as err:
-            print(f"error: {category}: {err}", file=sys.stderr)
+            print(f"error: {plan.where(category)}: {err}", file=sys.stderr)
             failed.append(category)
             continue
         results.append(result)
+        if not plan.writes:
+            continue
         if "image_AUROC" in result:
             print(f"  image AUROC {fmt(result['image_AUROC'])}  pixel AUROC {fmt(result['pixel_AUROC'])}"
                   + (f"  PRO {fmt(result['PRO'])}" if result.get("PRO") is not None else ""))
             print_reports(result)
         write_category_metrics(args.save_path, result)
-        write_results(args.save_path, results)
+        if plan.alone:
+            write_results(args.save_path, results)
         if on_result:
             on_result(result)
         result.pop("arrays", None)  # only the report needs them; memory stays flat over categories
+    mine_failed = bool(failed)
+    if not plan.alone:  # worker 0 writes every worker's rows, once
+        results, failed = plan.gather_results(results, failed)
+        if results:
+            write_results(args.save_path, results)
+    if failed and not plan.alone:
+        print(f"error: {len(failed)} of {len(categories)} categories failed: {', '.join(failed)}", file=sys.stderr)
+    if not plan.alone:
+        return 1 if failed or mine_failed else 0
     if failed:
         if len(failed) == len(categories) and len(categories) == 1:
             raise UserError(f"{failed[0]} failed (see above)")
