@@ -408,7 +408,7 @@ def run_each_category(args, work, title, on_result=None):
                   + (f"  PRO {fmt(result['PRO'])}" if result.get("PRO") is not None else ""))
             print_reports(result)
         write_category_metrics(args.save_path, result)
-        if plan.alone:
+        if plan.group.rank == 0:  # worker 0's rows as they finish; the others' once gathered
             write_results(args.save_path, results)
         if on_result:
             on_result(result)
@@ -416,7 +416,7 @@ def run_each_category(args, work, title, on_result=None):
     mine_failed = bool(failed)
     if not plan.alone:  # worker 0 writes every worker's rows, once
         results, failed = plan.gather_results(results, failed)
-        if results:
+        if results and not plan.split:
             write_results(args.save_path, results)
     if failed and not plan.alone:
         print(f"error: {len(failed)} of {len(categories)} categories failed: {', '.join(failed)}", file=sys.stderr)
