@@ -206,10 +206,12 @@ def train_category(args, category):
     state, engine = method.fit(image_batches(mine, args, preprocess), engine_kwargs(args),
                                args.backbone_weights, progress=not args.no_progress, **options)
     fit_s = time.perf_counter() - t0
-    if group is not None and group.rank != 0:
-        return {"category": category}  # worker 0 calibrates, evaluates and writes the model
     sums = state.pop("sums", None)
     state["config"] = cfg
+    if group is not None and group.rank != 0:  # worker 0 calibrates and writes the model
+        if args.eval:  # each worker scores its share of the test images
+            evaluate_category(args, category, detector_for(state, engine, method), preprocess)
+        return {"category": category}
     state["category"] = category
     state["train_images"] = len(fit_samples)
     detector = detector_for(state, engine, method)
@@ -262,14 +264,16 @@ def normal_calibration(scores, maps, count):
 def evaluate_category(args, category, detector, preprocess):
     """Score the test set (preprocessed as the model's `preprocess` says); metrics, F1-optimal
     thresholds, optional pictures."""
-    samples = open_dataset(args).test_samples(category)
+    samples = every_sample = open_dataset(args).test_samples(category)
+    group = scaleout.split_group()  # set when the workers share this category's images
+    if group is not None:
+        samples = scaleout.share_of(samples, group)
     n = len(samples)
     size = detector.map_size
     maps = np.empty((n, *size), np.float32)
     masks = np.empty((n, *size), np.uint8)
     scores = np.empty(n, np.float32)
     rgbs = np.empty((n, *size, 3), np.uint8) if args.save_pic or getattr(args, "report", False) else None
-    labels = np.array([s.label for s in samples])
     pos = 0
     t0 = time.perf_counter()
     bar = tqdm(total=n, desc=f"test {category}", unit="img", disable=args.no_progress, leave=False)
@@ -283,6 +287,12 @@ def evaluate_category(args, category, detector, preprocess):
         pos += len(batch)
         bar.update(len(batch))
     bar.close()
+    if group is not None:  # worker 0 computes the metrics on every worker's scores, in image order
+        gathered = scaleout.gather_arrays(group, (scores, maps, masks, rgbs), "collecting the test scores")
+        if gathered is None:
+            return None
+        (scores, maps, masks, rgbs), samples, n = gathered, every_sample, len(every_sample)
+    labels = np.array([s.label for s in samples])
     test_s = time.perf_counter() - t0
     result = {"category": category, "test_images": n, "ms_per_image": 1000 * test_s / n}
     result["image_AUROC"] = metrics.auroc(labels, scores, args.non_partial_AUC)
@@ -450,6 +460,8 @@ def eval_category(args, category):
                         f"--update_thresholds True (the default) or train with --eval or --calib_ratio > 0")
     # The model's own preprocessing, whatever flags were given.
     result = evaluate_category(args, category, detector, Preprocess.from_config(state["config"]))
+    if result is None:  # a worker that scored its share; worker 0 writes
+        return {"category": category}
     if args.update_thresholds:
         state["calibration"] = result["calibration"]
         save_model(path, state)

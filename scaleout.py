@@ -229,7 +229,7 @@ def plan_categories(args, dataset, categories, title):
                         "eval.py --report in one process")
     split = getattr(args, "split_category", False) or len(categories) < grp.size
     from models import METHODS
-    if split and title == "train" and getattr(METHODS.get(args.method), "SPLITS_IMAGES", False):
+    if split and (title == "eval" or getattr(METHODS.get(args.method), "SPLITS_IMAGES", False)):
         return Plan(grp, categories, split=True)
     if split:  # nothing to share within a category: worker 0 runs them all
         print(f"[{title}] worker {grp.rank} of {grp.size}: {'all categories' if grp.rank == 0 else 'idle'} "
@@ -251,6 +251,15 @@ def share_of(items, grp):
 
 
 _SPLIT = None
+
+
+def gather_arrays(grp, arrays, what):
+    """Worker 0 gets each array (None stays None) concatenated over the workers in rank order;
+    the others get None."""
+    parts = grp.gather(arrays, what)
+    if grp.rank != 0:
+        return None
+    return tuple(None if a[0] is None else np.concatenate(a) for a in zip(*parts))
 
 
 def split_group():

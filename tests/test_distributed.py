@@ -3,7 +3,9 @@ bottle images at 64 px: split categories give the same models, categories spread
 are each written once, a killed worker stops the launch cleanly, and --update equals a fit on
 the union of the images."""
 import hashlib
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -53,11 +55,11 @@ def clean_env():
     return {k: v for k, v in os.environ.items() if not k.startswith("PADDLE_")}
 
 
-def train(args, workers=1, log_dir=None, timeout=LAUNCH_TIMEOUT):
+def train(args, workers=1, log_dir=None, timeout=LAUNCH_TIMEOUT, script="train.py"):
     cmd = [sys.executable]
     if workers > 1:
         cmd += ["-m", "paddle.distributed.launch", "--nproc_per_node", str(workers), "--log_dir", str(log_dir)]
-    return subprocess.run(cmd + ["train.py"] + [str(a) for a in args] + SMALL, cwd=ROOT, env=clean_env(),
+    return subprocess.run(cmd + [script] + [str(a) for a in args] + SMALL, cwd=ROOT, env=clean_env(),
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -117,6 +119,24 @@ def test_patchcore_split_over_two_workers_chooses_the_same_coreset(data, tmp_pat
     a, b = load(tmp_path / "two" / "bottle.pdparams"), load(tmp_path / "one" / "bottle.pdparams")
     np.testing.assert_array_equal(a["stats"]["memory_bank"], b["stats"]["memory_bank"])
     assert (tmp_path / "two" / "results.csv").read_text() == (tmp_path / "one" / "results.csv").read_text()
+
+
+def test_evaluation_split_over_two_workers_equals_one_process(data, one_process, tmp_path):
+    """eval.py on one category with two workers: each scores half of the test images, worker 0
+    computes the metrics and stores the thresholds: the same as one process."""
+    records = []
+    for name, workers in (("one", 1), ("two", 2)):
+        out = tmp_path / name
+        os.makedirs(out)
+        shutil.copy(one_process / "bottle.pdparams", out / "bottle.pdparams")
+        ok(train(["--data_path", data / "two", "--category", "bottle", *ORTHO, "--eval_PRO", "--save_path", out],
+                 workers=workers, log_dir=tmp_path / "log", script="eval.py"))
+        record = json.loads((out / "metrics" / "bottle.json").read_text())
+        for volatile in ("ms_per_image", "pro_s", "timing"):
+            record.pop(volatile, None)
+        records.append((record, (out / "results.csv").read_text(), load(out / "bottle.pdparams")["calibration"]))
+    assert records[0][0] == records[1][0] and records[0][1] == records[1][1]
+    assert records[0][2] == records[1][2]
 
 
 def test_greedy_k_center_over_two_workers_equals_one_process(tmp_path):
