@@ -15,7 +15,8 @@ import numpy as np
 import paddle
 import pytest
 
-from models.padim import GaussianAccumulator, unpack_precision
+import models.padim as padim
+from models.padim import EPSILON, GaussianAccumulator, unpack_precision
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--resize", "64", "--crop_size", "64", "--no_progress", "--cpu_threads", "1", "--num_workers", "1"]
@@ -85,6 +86,32 @@ def gaussian(sums_file):
 
 def assert_rel(a, b, tol=1e-6):
     assert np.abs(a - b).max() <= tol * np.abs(b).max()
+
+
+@pytest.mark.parametrize("block_bytes", [padim.BLOCK_BYTES, 1])  # one block; blocks of 16 positions
+def test_exact_sums_of_parts_add_up_to_the_sums_of_all(block_bytes, monkeypatch, tmp_path):
+    """What workers and --update rely on: float64 sums of parts, added, equal those of the
+    whole, and give numpy's mean and precision within 1e-6 (a large mean, no shift)."""
+    monkeypatch.setattr(padim, "BLOCK_BYTES", block_bytes)
+    monkeypatch.setattr(padim, "POSITION_CHUNK", 16)
+    feats = (np.random.RandomState(0).randn(23, 5, 6, 8) * 0.1 + 50.0).astype(np.float32)
+    whole, merged = GaussianAccumulator(exact=True), GaussianAccumulator(exact=True)
+    whole.update(feats)
+    for lo, hi in ((0, 9), (9, 10), (10, 23)):
+        part = GaussianAccumulator(exact=True)
+        part.update(feats[lo:hi])
+        merged.add_sums(part.sums())
+    a, b = merged.sums(), whole.sums()
+    assert a["count"] == b["count"] == 23
+    assert_rel(a["sum"], b["sum"], 1e-14)
+    assert_rel(a["outer"], b["outer"], 1e-14)
+    np.savez(tmp_path / "s.npz", **a)
+    mean, precision = gaussian(tmp_path / "s.npz")
+    x = feats.reshape(23, 5, 48).astype(np.float64)
+    for p in (0, 17, 47):
+        assert_rel(mean[p], x[:, :, p].mean(0))
+        assert_rel(precision[p], np.linalg.inv(np.cov(x[:, :, p], rowvar=False) + EPSILON * np.eye(5)))
+    np.testing.assert_allclose(merged.finalize()[0], x.mean(0).T, rtol=1e-6)
 
 
 @pytest.fixture(scope="module")
