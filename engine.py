@@ -202,7 +202,8 @@ def train_category(args, category):
         options["group"] = group
     if getattr(args, "keep_sums", False):
         options["keep_sums"] = True
-    mine = fit_samples if group is None else scaleout.share_of(fit_samples, group)
+    shares = group is not None and not getattr(method, "DATA_PARALLEL", False)  # else each reads all
+    mine = scaleout.share_of(fit_samples, group) if shares else fit_samples
     state, engine = method.fit(image_batches(mine, args, preprocess), engine_kwargs(args),
                                args.backbone_weights, progress=not args.no_progress, **options)
     fit_s = time.perf_counter() - t0

@@ -114,6 +114,15 @@ class Group:
             self.fail(f"{what} failed: a peer stopped answering ({str(err).splitlines()[0][:160]})")
         return flat.reshape(array.shape)
 
+    def average_tensor(self, tensor, what="average"):
+        """Mean over the workers of a paddle tensor (gloo's all_reduce; every worker in step)."""
+        import paddle.distributed as dist
+        try:
+            dist.all_reduce(tensor)
+        except RuntimeError as err:
+            self.fail(f"{what} failed: a peer stopped answering ({str(err).splitlines()[0][:160]})")
+        return tensor / self.size
+
     def exchange(self, array, what="exchange"):
         """Every worker's float64 array (the same shape on each), stacked in rank order on every
         worker: gloo's all_gather, for the many small exchanges of one computation that all

@@ -269,3 +269,23 @@ def test_update_equals_a_fit_on_the_union(data, tmp_path):
         assert proc.returncode != 0 and message in proc.stderr, proc.stderr
         assert "Traceback" not in proc.stderr and proc.stderr.startswith("error: bottle: ")
     assert (digest(model), digest(bare)) == before
+
+
+def test_efficientad_data_parallel_steps_checkpoint_and_resume(data, r18_weights, tmp_path):
+    """A few data-parallel steps on two workers: finite losses, worker 0 alone writes the one
+    checkpoint and the model, and --resume continues with the same number of workers."""
+    teacher = tmp_path / "teacher.pdparams"
+    flags = ["--method", "efficientad", "--backbone_weights", r18_weights, "--teacher_weights", teacher]
+    ok(train(flags + ["--distill", "--distill_data", data / "a" / "bottle" / "train", "--train_steps", "2",
+                      "--save_path", tmp_path]))
+    out = tmp_path / "run"
+    run = flags + ["--data_path", data / "a", "--category", "bottle", "--train_crop", "64", "--split_category",
+                   "--save_path", out]
+    ok(train(run + ["--train_steps", "3"], workers=2, log_dir=tmp_path / "log"))
+    ok(train(run + ["--train_steps", "5", "--resume"], workers=2, log_dir=tmp_path / "log2"))
+    assert sorted(os.listdir(out / "checkpoints")) == ["bottle.ckpt"]
+    checkpoint = load(out / "checkpoints" / "bottle.ckpt")
+    assert checkpoint["identity"]["workers"] == 2 and checkpoint["step"] == 5
+    assert len(checkpoint["losses"]) == 5 and np.isfinite(checkpoint["losses"]).all()
+    assert load(out / "bottle.pdparams")["training"]["steps"] == 5
+    assert "results:" not in (tmp_path / "log2" / "workerlog.1").read_text()
