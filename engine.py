@@ -242,6 +242,8 @@ def distill_teacher(args):
         raise UserError("--distill is for --method efficientad")
     if not args.distill_data:
         raise UserError("--distill needs --distill_data DIR [DIR ...] (any folders of natural images)")
+    if scaleout.world()[1] > 1:  # every worker would write the same teacher file
+        raise UserError("--distill runs in one process, not under paddle.distributed.launch")
     from models.efficientad import distill_teacher as distill
     set_seed(args.seed)
     out = args.teacher_weights or os.path.join(args.save_path, f"teacher_{args.model_size}.pdparams")

@@ -24,8 +24,8 @@ import numpy as np
 from utils import UserError
 
 DEFAULT_TIMEOUT_S = 1800.0
-POLL_S = 0.02
-REDUCE_CHUNK = 4 << 20  # float64 values per all_reduce call (32 MB): bounds the tensor copies
+POLL_S = (0.0005, 0.02)  # first and longest pause between polls of the store (workers in step meet fast)
+REDUCE_CHUNK = 4 << 20  # values per all_reduce call (32 MB of float64): bounds the tensor copies
 
 
 def world():
@@ -74,6 +74,7 @@ class Group:
         self._store.add(f"{key}/{self.rank}", 1)
         deadline = time.monotonic() + self.timeout
         missing = list(range(self.size))
+        pause = POLL_S[0]
         while True:
             missing = [r for r in missing if self._store.add(f"{key}/{r}", 0) == 0]
             if not missing:
@@ -81,7 +82,8 @@ class Group:
             if time.monotonic() > deadline:
                 self.fail(f"no answer from worker {', '.join(map(str, missing))} within {self.timeout:g} s "
                           f"({what}); stopping (a dead or stuck worker; --dist_timeout sets the limit)")
-            time.sleep(POLL_S)
+            time.sleep(pause)
+            pause = min(2 * pause, POLL_S[1])
 
     def gather(self, obj, what="gather"):
         """-> [obj of worker 0, ..., obj of worker N-1] on every worker (small objects)."""
@@ -96,9 +98,9 @@ class Group:
         if self.size > 1:
             self._wait_all(self._key("barrier"), what)
 
-    def all_reduce_sum(self, array, what="all_reduce"):
-        """Element-wise sum over the workers of a float64 array (the same shape on each)."""
-        array = np.ascontiguousarray(array, np.float64)
+    def all_reduce_sum(self, array, what="all_reduce", dtype=np.float64):
+        """Element-wise sum over the workers of an array (the same shape on each), in `dtype`."""
+        array = np.ascontiguousarray(array, dtype)
         if self.size == 1:
             return array
         import paddle
@@ -117,6 +119,7 @@ class Group:
     def average_tensor(self, tensor, what="average"):
         """Mean over the workers of a paddle tensor (gloo's all_reduce; every worker in step)."""
         import paddle.distributed as dist
+        self.barrier(what)  # gloo's own timeout (30 s) then covers only the transfer
         try:
             dist.all_reduce(tensor)
         except RuntimeError as err:
@@ -132,6 +135,7 @@ class Group:
             return array
         import paddle
         import paddle.distributed as dist
+        self.barrier(what)  # a worker still updating its distances may be far behind
         parts = []
         try:
             dist.all_gather(parts, paddle.to_tensor(array))
@@ -238,11 +242,12 @@ def plan_categories(args, dataset, categories, title):
                         "eval.py --report in one process")
     split = getattr(args, "split_category", False) or len(categories) < grp.size
     from models import METHODS
-    if split and (title == "eval" or getattr(METHODS.get(args.method), "SPLITS_IMAGES", False)):
+    updating = getattr(args, "update", False)  # reads only the new images: one worker per category
+    if split and (title == "eval" or getattr(METHODS.get(args.method), "SPLITS_IMAGES", False) and not updating):
         return Plan(grp, categories, split=True)
     if split:  # nothing to share within a category: worker 0 runs them all
         print(f"[{title}] worker {grp.rank} of {grp.size}: {'all categories' if grp.rank == 0 else 'idle'} "
-              f"({args.method} {title} does not split a category's images)", flush=True)
+              f"(--update does not split a category's images)", flush=True)
         return Plan(grp, categories if grp.rank == 0 else [], split=False)
     count = dataset.train_samples if title == "train" else dataset.test_samples
     share = balance({c: len(count(c)) for c in categories}, grp.size)

@@ -364,9 +364,9 @@ class PatchCore:
         rows = [parts[i][j] for i, j in zip(part, chosen[mine] - offsets[part])]
         if group is None:
             return np.stack(rows), projection
-        bank = np.zeros((n_select, dim))  # each row from its owner, zeros elsewhere: the sum is exact
+        bank = np.zeros((n_select, dim), np.float32)  # each row from its owner, zeros elsewhere: the sum is exact
         bank[mine] = rows
-        return group.all_reduce_sum(bank, "collecting the memory bank").astype(np.float32), projection
+        return group.all_reduce_sum(bank, "collecting the memory bank", np.float32), projection
 
     def nearest_bank(self, stats):
         bank = stats["memory_bank"]
