@@ -24,7 +24,7 @@ import numpy as np
 from utils import UserError
 
 DEFAULT_TIMEOUT_S = 1800.0
-POLL_S = (0.0005, 0.02)  # first and longest pause between polls of the store (workers in step meet fast)
+POLL_S = (0.0005, 0.02)  # first and longest pause between polls of the store
 REDUCE_CHUNK = 4 << 20  # values per all_reduce call (32 MB of float64): bounds the tensor copies
 
 
@@ -98,14 +98,17 @@ class Group:
         if self.size > 1:
             self._wait_all(self._key("barrier"), what)
 
-    def all_reduce_sum(self, array, what="all_reduce", dtype=np.float64):
-        """Element-wise sum over the workers of an array (the same shape on each), in `dtype`."""
+    def all_reduce_sum(self, array, what="all_reduce", dtype=np.float64, wait=True):
+        """Element-wise sum over the workers of an array (the same shape on each), in `dtype`.
+        wait: first meet in the store (a worker may be minutes behind); False right after a
+        call that met."""
         array = np.ascontiguousarray(array, dtype)
         if self.size == 1:
             return array
         import paddle
         import paddle.distributed as dist
-        self.barrier(what)  # everyone is here: gloo's own 30 s timeout now only covers the transfer
+        if wait:
+            self.barrier(what)  # everyone is here: gloo's own 30 s timeout now only covers the transfer
         flat = array.reshape(-1).copy()
         try:
             for lo in range(0, len(flat), REDUCE_CHUNK):
@@ -117,9 +120,9 @@ class Group:
         return flat.reshape(array.shape)
 
     def average_tensor(self, tensor, what="average"):
-        """Mean over the workers of a paddle tensor (gloo's all_reduce; every worker in step)."""
+        """Mean over the workers of a paddle tensor: gloo's all_reduce with no store barrier (a
+        store round trip costs ~40 ms), for workers in step, which gloo's 30 s bound covers."""
         import paddle.distributed as dist
-        self.barrier(what)  # gloo's own timeout (30 s) then covers only the transfer
         try:
             dist.all_reduce(tensor)
         except RuntimeError as err:
@@ -128,14 +131,13 @@ class Group:
 
     def exchange(self, array, what="exchange"):
         """Every worker's float64 array (the same shape on each), stacked in rank order on every
-        worker: gloo's all_gather, for the many small exchanges of one computation that all
-        workers run in step (its 30 s timeout bounds each)."""
+        worker: gloo's all_gather with no store barrier, for the many exchanges of one
+        computation that all workers run in step (gloo's 30 s timeout bounds each wait)."""
         array = np.ascontiguousarray(array, np.float64)
         if self.size == 1:
             return array
         import paddle
         import paddle.distributed as dist
-        self.barrier(what)  # a worker still updating its distances may be far behind
         parts = []
         try:
             dist.all_gather(parts, paddle.to_tensor(array))

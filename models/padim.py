@@ -202,9 +202,9 @@ class GaussianAccumulator:
         """Sum the statistics over the workers of `group` (one float64 all_reduce per block)."""
         rows, cols = np.triu_indices(self.total.shape[1])
         self.n = int(group.all_reduce_sum([self.n], "summing the image counts")[0])
-        self.total = group.all_reduce_sum(self.total, "summing the feature sums")
+        self.total = group.all_reduce_sum(self.total, "summing the feature sums", wait=False)
         for block in self.outer:
-            tri = group.all_reduce_sum(block[:, rows, cols], "summing the outer products")
+            tri = group.all_reduce_sum(block[:, rows, cols], "summing the outer products", wait=False)
             block[:, rows, cols] = tri
             block[:, cols, rows] = tri
 

@@ -79,7 +79,7 @@ def patch_rows(features):
 
 # ---------------------------------------------------------------- coreset
 def greedy_k_center(points, n_select, seed, per_update=256, n_candidates=4096, n_blocks=1024, progress=False,
-                    group=None):
+                    group=None, overwrite=False):
     """Exact greedy k-center (Gonzalez): a seeded random first centre, then always the point
     farthest from the centres chosen so far (ties: the lowest index).
 
@@ -103,9 +103,11 @@ def greedy_k_center(points, n_select, seed, per_update=256, n_candidates=4096, n
       by their nearest centre, a ball of radius R_b around centre b. A new centre c can only
       bring a point of block b closer when |c - b| - R_b < the farthest point of b (triangle
       inequality); other blocks are skipped (~90% of the distances on bottle at 10%).
+
+    overwrite: `points` (float64) may be used as the working copy, saving one copy's memory.
     """
     rank, workers = (0, 1) if group is None else (group.rank, group.size)
-    z = np.array(points, np.float64)
+    z = np.asarray(points, np.float64) if overwrite else np.array(points, np.float64)  # centred in place
     n = len(z)
     counts = [n] if group is None else group.gather(n, "counting the patches")
     start, n_total = sum(counts[:rank]), sum(counts)
@@ -352,10 +354,11 @@ class PatchCore:
         `group`, this worker's share of the rows; every worker gets the whole bank."""
         dim = parts[0].shape[1]
         _, projection = make_projection("gaussian", [dim], min(PROJECT_DIM, dim), self.config["seed"])
-        projected = np.concatenate([p @ projection for p in parts])
+        projected = np.concatenate([(p @ projection).astype(np.float64) for p in parts])
         counts = [len(projected)] if group is None else group.gather(len(projected), "counting the patches")
         n_select = max(1, round(sum(counts) * self.ratio))
-        chosen, _ = greedy_k_center(projected, n_select, self.config["seed"], progress=progress, group=group)
+        chosen, _ = greedy_k_center(projected, n_select, self.config["seed"], progress=progress, group=group,
+                                    overwrite=True)
         del projected
         start = sum(counts[:0 if group is None else group.rank])
         offsets = start + np.cumsum([0] + [len(p) for p in parts])
