@@ -426,15 +426,8 @@ def run_each_category(args, work, title, on_result=None):
         if on_result:
             on_result(result)
         result.pop("arrays", None)  # only the report needs them; memory stays flat over categories
-    mine_failed = bool(failed)
     if not plan.alone:  # worker 0 writes every worker's rows, once
-        results, failed = plan.gather_results(results, failed)
-        if results and not plan.split:
-            write_results(args.save_path, results)
-    if failed and not plan.alone:
-        print(f"error: {len(failed)} of {len(categories)} categories failed: {', '.join(failed)}", file=sys.stderr)
-    if not plan.alone:
-        return 1 if failed or mine_failed else 0
+        return plan.finish(results, failed, len(categories), lambda rows: write_results(args.save_path, rows))
     if failed:
         if len(failed) == len(categories) and len(categories) == 1:
             raise UserError(f"{failed[0]} failed (see above)")

@@ -17,6 +17,7 @@ import contextlib
 import os
 import pickle
 import signal
+import sys
 import time
 
 import numpy as np
@@ -220,11 +221,21 @@ class Plan:
         finally:
             _SPLIT, self.group.task = None, None
 
+    def finish(self, results, failed, total, write_results):
+        """After the categories: worker 0 writes every worker's rows with write_results(rows) and
+        names every failed category. -> exit code (1 if a category failed on this worker, or,
+        on worker 0, on any)."""
+        every, every_failed = self.gather_results(results, failed)
+        if every and not self.split:  # split: worker 0 had every row already
+            write_results(every)
+        if every_failed:
+            print(f"error: {len(every_failed)} of {total} categories failed: {', '.join(every_failed)}",
+                  file=sys.stderr)
+        return 1 if failed or every_failed else 0
+
     def gather_results(self, results, failed):
         """-> (every worker's results, every worker's failures), in category order, on worker 0
         (others get empty lists). Arrays stay with the worker that made them."""
-        if self.alone:
-            return results, failed
         mine = [{k: v for k, v in r.items() if k != "arrays"} for r in results] if self.writes else []
         parts = self.group.gather((mine, failed if self.writes else []), "collecting the results")
         if self.group.rank != 0:
