@@ -19,6 +19,7 @@ import pickle
 import signal
 import sys
 import time
+import traceback
 
 import numpy as np
 
@@ -218,6 +219,11 @@ class Plan:
             if self.split:  # the others would wait for this worker's share: end all now
                 self.group.fail(str(err))
             raise
+        except (Exception, MemoryError) as err:  # a bug or out of memory: the trace, then the line naming us
+            if self.alone:
+                raise
+            traceback.print_exc()
+            self.group.fail(f"{type(err).__name__}: {err}")
         finally:
             _SPLIT, self.group.task = None, None
 
