@@ -219,7 +219,7 @@ class Plan:
             if self.split:  # the others would wait for this worker's share: end all now
                 self.group.fail(str(err))
             raise
-        except (Exception, MemoryError) as err:  # a bug or out of memory: the trace, then the line naming us
+        except Exception as err:  # a bug, out of memory: the trace, then the line naming this worker
             if self.alone:
                 raise
             traceback.print_exc()
