@@ -12,12 +12,14 @@ import numpy as np
 from tqdm import tqdm
 
 import metrics
+import scaleout
 from datasets import iterate_batches, open_dataset, resolve_data_args
 from datasets.mvtec import has_masks
 from datasets.transforms import Preprocess, parse_image_size
 from datasets.verify import check_samples
 from models import build_method, check_geometry, check_model_matches, load_model, save_model
 from models.backbone import ARCHS, make_engine
+from models.padim_sums import save_sums
 from models.postprocess import Detector
 from utils import (UserError, dumps_json, fmt, format_table, peak_rss_mb, set_seed, str2bool,
                    write_csv_atomic, write_text_atomic)
@@ -112,6 +114,7 @@ def add_runtime_args(parser):
     parser.add_argument("--enable_mkldnn", type=str2bool, default=True, help="oneDNN on CPU")
     parser.add_argument("--cpu_threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--no_progress", action="store_true", help="hide progress bars")
+    scaleout.add_scaleout_args(parser)
 
 
 def add_eval_args(parser):
@@ -232,10 +235,22 @@ def train_category(args, category):
     fit_samples, calib_samples = (samples, []) if args.eval else split_calibration(samples, args.calib_ratio, args.seed)
     t0 = time.perf_counter()
     options = method.fit_options(args, category) if hasattr(method, "fit_options") else {}
-    state, engine = method.fit(image_batches(fit_samples, args, preprocess), engine_kwargs(args),
+    group = scaleout.split_group()  # set when the workers share this category's images
+    if group is not None:
+        options["group"] = group
+    if getattr(args, "keep_sums", False):
+        options["keep_sums"] = True
+    shares = group is not None and not getattr(method, "DATA_PARALLEL", False)  # else each reads all
+    mine = scaleout.share_of(fit_samples, group) if shares else fit_samples
+    state, engine = method.fit(image_batches(mine, args, preprocess), engine_kwargs(args),
                                args.backbone_weights, progress=not args.no_progress, **options)
     fit_s = time.perf_counter() - t0
+    sums = state.pop("sums", None)
     state["config"] = cfg
+    if group is not None and group.rank != 0:  # worker 0 calibrates and writes the model
+        if args.eval:  # each worker scores its share of the test images
+            evaluate_category(args, category, detector_for(state, engine, method), preprocess)
+        return {"category": category}
     state["category"] = category
     state["train_images"] = len(fit_samples)
     if dataset.split is not None:
@@ -257,6 +272,8 @@ def train_category(args, category):
         result["split"] = dataset.split
     result["config"] = cfg
     result["timing"] = {"fit_s": fit_s, "train_images": len(fit_samples), "peak_rss_mb": peak_rss_mb()}
+    if sums is not None:  # before the model: an update never reads sums older than their model
+        save_sums(model_path_for(args, category), sums, cfg)
     save_model(model_path_for(args, category), state)
     return result
 
@@ -267,6 +284,8 @@ def distill_teacher(args):
         raise UserError("--distill is for --method efficientad")
     if not args.distill_data:
         raise UserError("--distill needs --distill_data DIR [DIR ...] (any folders of natural images)")
+    if scaleout.world()[1] > 1:  # every worker would write the same teacher file
+        raise UserError("--distill runs in one process, not under paddle.distributed.launch")
     from models.efficientad import distill_teacher as distill
     set_seed(args.seed)
     out = args.teacher_weights or os.path.join(args.save_path, f"teacher_{args.model_size}.pdparams")
@@ -289,16 +308,19 @@ def normal_calibration(scores, maps, count):
 
 def evaluate_category(args, category, detector, preprocess, dataset=None):
     """Score the test set (preprocessed as the model's `preprocess` says); metrics, F1-optimal
-    thresholds, optional pictures. Defective images without masks: image-level metrics only."""
-    samples = (dataset or open_dataset(args)).test_samples(category)
+    thresholds, optional pictures. Defective images without masks: image-level metrics only.
+    Under a launch with the category split, each worker scores its share and worker 0 the metrics."""
+    samples = every_sample = (dataset or open_dataset(args)).test_samples(category)
+    no_masks = any(s.label for s in every_sample) and not has_masks(every_sample)
+    group = scaleout.split_group()  # set when the workers share this category's images
+    if group is not None:
+        samples = scaleout.share_of(samples, group)
     n = len(samples)
     size = detector.map_size
     maps = np.empty((n, *size), np.float32)
     masks = np.empty((n, *size), np.uint8)
     scores = np.empty(n, np.float32)
     rgbs = np.empty((n, *size, 3), np.uint8) if args.save_pic or getattr(args, "report", False) else None
-    labels = np.array([s.label for s in samples])
-    no_masks = bool(labels.any()) and not has_masks(samples)
     pos = 0
     t0 = time.perf_counter()
     bar = tqdm(total=n, desc=f"test {category}", unit="img", disable=args.no_progress, leave=False)
@@ -312,6 +334,12 @@ def evaluate_category(args, category, detector, preprocess, dataset=None):
         pos += len(batch)
         bar.update(len(batch))
     bar.close()
+    if group is not None:  # worker 0 computes the metrics on every worker's scores, in image order
+        gathered = scaleout.gather_arrays(group, (scores, maps, masks, rgbs), "collecting the test scores")
+        if gathered is None:
+            return None
+        (scores, maps, masks, rgbs), samples, n = gathered, every_sample, len(every_sample)
+    labels = np.array([s.label for s in samples])
     test_s = time.perf_counter() - t0
     result = {"category": category, "test_images": n, "ms_per_image": 1000 * test_s / n}
     result["image_AUROC"] = metrics.auroc(labels, scores, args.non_partial_AUC)
@@ -427,29 +455,38 @@ def run_categories(args, work, title):
 
 
 def run_each_category(args, work, title, on_result=None):
-    categories = open_dataset(args).categories(args.category)
+    dataset = open_dataset(args)
+    categories = dataset.categories(args.category)
+    plan = scaleout.plan_categories(args, dataset, categories, title)  # a plain run: all, as before
     results, failed = [], []
-    for category in categories:
-        print(f"[{title}] {category}")
+    for category in plan.categories:
+        if plan.writes:
+            print(f"[{title}] {category}")
         try:
-            result = work(args, category)
+            with plan.working_on(category):
+                result = work(args, category)
         except UserError as err:
-            if len(categories) == 1:
+            if len(categories) == 1 and plan.alone:
                 raise  # one category: its error is the run's one line
-            print(f"error: {category}: {err}", file=sys.stderr)
+            print(f"error: {plan.where(category)}: {err}", file=sys.stderr)
             failed.append(category)
             continue
         results.append(result)
+        if not plan.writes:
+            continue
         if "image_AUROC" in result:
             pixel = "no masks" if result.get("no_masks") else fmt(result["pixel_AUROC"])
             print(f"  image AUROC {fmt(result['image_AUROC'])}  pixel AUROC {pixel}"
                   + (f"  PRO {fmt(result['PRO'])}" if result.get("PRO") is not None else ""))
             print_reports(result)
         write_category_metrics(args.save_path, result)
-        write_results(args.save_path, results)
+        if plan.group.rank == 0:  # worker 0's rows as they finish; the others' once gathered
+            write_results(args.save_path, results)
         if on_result:
             on_result(result)
         result.pop("arrays", None)  # only the report needs them; memory stays flat over categories
+    if not plan.alone:  # worker 0 writes every worker's rows, once
+        return plan.finish(results, failed, len(categories), lambda rows: write_results(args.save_path, rows))
     if failed:
         print(f"error: {len(failed)} of {len(categories)} categories failed: {', '.join(failed)}",
               file=sys.stderr)
@@ -477,6 +514,8 @@ def eval_category(args, category):
     # The model's own preprocessing and, in folder mode, its own test split, whatever flags were given.
     dataset = open_dataset(args, state.get("split"))
     result = evaluate_category(args, category, detector, Preprocess.from_config(state["config"]), dataset)
+    if result is None:  # a worker that scored its share; worker 0 writes
+        return {"category": category}
     if dataset.split is not None:
         result["split"] = dataset.split
     if args.update_thresholds:

@@ -6,6 +6,7 @@
 """
 import engine
 import report
+import updating
 from utils import run_cli
 
 
@@ -13,19 +14,28 @@ def main(argv=None):
     parser = engine.parser_with(engine.add_model_args, engine.add_data_args, engine.add_runtime_args,
                                 engine.add_eval_args, report.add_report_args, description=__doc__)
     parser.add_argument("--backbone_weights", default=None,
-                        help="local ImageNet .pdparams for the backbone (default: download the official ones)")
+                        help="local ImageNet .pdparams for the backbone (default: the bundled weights for resnet18, "
+                             "else download the official ones)")
     parser.add_argument("--eval", action="store_true", help="evaluate on the test set after fitting")
     parser.add_argument("--calib_ratio", type=float, default=0.1,
                         help="without --eval: share of train/good held out to calibrate thresholds")
     parser.add_argument("--max_stats_gb", type=float, default=4.0,
                         help="PaDiM/OrthoAD: refuse, before the fit, statistics that need more memory (they grow "
                              "with --image_size and with the number of tiles)")
+    parser.add_argument("--keep_sums", action="store_true",
+                        help="PaDiM/OrthoAD: save the float64 sums beside the model (<category>.sums.npz), "
+                             "for --update")
+    parser.add_argument("--update", action="store_true",
+                        help="PaDiM/OrthoAD: add the training images under --data_path to the model at "
+                             "--model_path (fitted with --keep_sums) instead of fitting a new one")
     args = engine.parse(parser, argv)
+    updating.check_keep_sums(args)
     args.eval_PRO = args.eval_PRO or args.report
     args.eval = args.eval or args.eval_PRO or args.save_pic
     if args.distill:
         return engine.distill_teacher(args)
-    return engine.run_categories(args, engine.train_category, "train")
+    work = updating.update_category if args.update else engine.train_category
+    return engine.run_categories(args, work, "train")
 
 
 if __name__ == "__main__":

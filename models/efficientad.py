@@ -93,7 +93,10 @@ class Trainer:
     atomic checkpoints every `every` steps (and at the end), resume, and an optional time box
     (`minutes`: training stops when it is spent; the lr drop comes at 95% of steps or time)."""
 
-    def __init__(self, modules, steps, checkpoint_path, every, identity, minutes=None):
+    def __init__(self, modules, steps, checkpoint_path, every, identity, minutes=None, group=None):
+        # group (scaleout.Group, several workers): data parallel; each worker draws its own
+        # images, gradients (and the clock of the time box) are averaged, worker 0 checkpoints.
+        self.group = group if group is not None and group.size > 1 else None
         self.modules = modules
         self.steps = steps
         self.path = checkpoint_path
@@ -112,13 +115,16 @@ class Trainer:
             late = step >= LR_DROP_AT * self.steps or (self.seconds and elapsed >= LR_DROP_AT * self.seconds)
             self.optimizer.set_lr(LR * (0.1 if late else 1.0))
             paddle.seed(step_seed(self.identity["seed"], step))  # dropout
-            loss, parts = step_loss(step, np.random.RandomState([self.identity["seed"], step]))
+            worker = [self.group.rank] if self.group and self.group.rank else []  # worker 0 draws as one process
+            loss, parts = step_loss(step, np.random.RandomState([self.identity["seed"], step] + worker))
             loss.backward()
+            elapsed = time.perf_counter() - started
+            if self.group:
+                elapsed = self._average_gradients(elapsed)
             self.optimizer.step()
             self.optimizer.clear_grad()
             step += 1
             losses.append(float(loss))
-            elapsed = time.perf_counter() - started
             bar.update(1)
             bar.set_postfix(loss=f"{losses[-1]:.4f}", **{k: f"{v:.4f}" for k, v in parts.items()})
             if self.every and step % self.every == 0 and step < self.steps:
@@ -127,12 +133,27 @@ class Trainer:
         self._save(step, elapsed, losses)  # a time-boxed or finished run can be extended later
         return {"steps": step, "seconds": elapsed, "loss": float(np.mean(losses[-100:])) if losses else None}
 
+    def _average_gradients(self, elapsed):
+        """One all_reduce of every gradient and the elapsed time: the workers step alike and
+        stop at the same step."""
+        grads = [p.grad for m in self.modules.values() for p in m.parameters() if p.grad is not None]
+        flat = paddle.concat([g.reshape([-1]) for g in grads] + [paddle.to_tensor([elapsed], grads[0].dtype)])
+        flat = self.group.average_tensor(flat, "averaging the gradients")
+        lo = 0
+        for g in grads:
+            size = int(np.prod(g.shape))
+            g.set_value(flat[lo:lo + size].reshape(g.shape))
+            lo += size
+        return float(flat[lo])
+
     def _param_names(self):
         # Paddle keys optimizer state by process-global parameter names (conv2d_7.w_0...);
         # checkpoints use module paths so that another process can load them.
         return {p.name: f"{name}.{key}" for name, m in self.modules.items() for key, p in m.named_parameters()}
 
     def _save(self, step, elapsed, losses):
+        if self.group and self.group.rank != 0:
+            return  # one writer: every worker holds the same weights
         state = {"format": CHECKPOINT_FORMAT, "identity": self.identity, "step": step, "elapsed_s": elapsed,
                  "losses": np.array(losses, np.float32),
                  "modules": {n: {k: v.numpy() for k, v in m.state_dict().items()} for n, m in self.modules.items()},
@@ -229,6 +250,8 @@ class EfficientAD:
     # Image pixels along each edge that no PDN output sees (score() sets them to the normal level),
     # plus the two that bilinear upsampling mixes with them: tiles stitch around them.
     map_border = 4 * MAP_BORDER + 2
+    SPLITS_IMAGES = True   # fit(group=...): data-parallel training...
+    DATA_PARALLEL = True   # ...on all the images, each worker drawing its own
 
     def __init__(self, config):
         self.config = config
@@ -268,7 +291,7 @@ class EfficientAD:
         return np.pad(combined, ((0, 0), (MAP_BORDER, MAP_BORDER), (MAP_BORDER, MAP_BORDER)))
 
     def fit(self, batches, engine_kwargs, weights_path=None, progress=True, teacher_weights=None, imagenet_dir=None,
-            checkpoint_path="efficientad.ckpt", resume=False, checkpoint_every=500, train_minutes=None):
+            checkpoint_path="efficientad.ckpt", resume=False, checkpoint_every=500, train_minutes=None, group=None):
         """`batches()`: 256x256 ImageNet-normalised normal images. `weights_path` (the backbone's)
         is used only by distillation. Holds out 10% of the images for the map quantiles."""
         cfg = self.config
@@ -328,9 +351,11 @@ class EfficientAD:
         identity = {"kind": "train", "model_size": self.model_size, "seed": cfg.get("seed", 0),
                     "train_images": len(train), "teacher": weights_fingerprint(teacher["state"]),
                     "imagenet_penalty": bool(penalty_paths), "train_crop": crop}
+        if group is not None and group.size > 1:
+            identity["workers"] = group.size  # --resume with as many workers
         steps = cfg.get("train_steps") or PAPER_TRAIN_STEPS
         trainer = Trainer({"student": student, "autoencoder": autoencoder}, steps, checkpoint_path,
-                          checkpoint_every, identity, train_minutes)
+                          checkpoint_every, identity, train_minutes, group)
         info = trainer.run(step_loss, resume, progress, "train")
         raw = None  # frees the teacher outputs before the validation pass
 

@@ -144,7 +144,10 @@ class GaussianAccumulator:
     mapping) as soon as it is inverted and packed: the peak stays at one float32 P*k*k array
     and the packed result grows into the memory given back (WRN50 k=300: 1.1 GB, not 1.4)."""
 
-    def __init__(self):
+    def __init__(self, exact=False):
+        # exact: float64 sums of x and x x^T with no shift, which add up across workers and
+        # over time (the shifted float32 sums of a plain fit depend on each worker's first batch).
+        self.exact = exact
         self.n = 0
         self.shift = self.total = self.outer = None
 
@@ -153,21 +156,57 @@ class GaussianAccumulator:
         x = feats.reshape(b, k, -1).transpose(2, 0, 1)  # [P, B, k]
         step = position_chunk(k)
         if self.shift is None:
-            positions = x.shape[0]
-            self.block = step * max(1, -(-BLOCK_BYTES // (step * k * k * 4)))  # a whole number of steps
-            self.shift = x.mean(axis=1).astype(np.float32)
-            self.total = np.zeros(self.shift.shape, np.float64)
-            self.outer = [np.zeros((min(self.block, positions - lo), k, k), np.float32)
-                          for lo in range(0, positions, self.block)]
+            self._allocate(x.shape[0], k, None if self.exact else x.mean(axis=1).astype(np.float32))
 
         def accumulate(lo):
-            xc = x[lo:lo + step] - self.shift[lo:lo + step, None, :]
+            if self.exact:
+                xc = x[lo:lo + step].astype(np.float64)
+            else:
+                xc = x[lo:lo + step] - self.shift[lo:lo + step, None, :]
             self.total[lo:lo + step] += xc.sum(axis=1)
             at = lo % self.block
             self.outer[lo // self.block][at:at + step] += np.matmul(xc.transpose(0, 2, 1), xc)
 
         over_positions(accumulate, x.shape[0], step)
         self.n += b
+
+    def _allocate(self, positions, k, shift=None):
+        dtype = np.float64 if self.exact else np.float32
+        step = position_chunk(k)
+        self.block = step * max(1, -(-BLOCK_BYTES // (step * k * k * np.dtype(dtype).itemsize)))  # whole steps
+        self.shift = np.zeros((positions, k), np.float32) if shift is None else shift
+        self.total = np.zeros((positions, k), np.float64)
+        self.outer = [np.zeros((min(self.block, positions - lo), k, k), dtype)
+                      for lo in range(0, positions, self.block)]
+
+    def sums(self):
+        """The sufficient statistics of an exact accumulator, float64: count, sum of x [P, k] and
+        the upper triangle of sum x x^T [P, k(k+1)/2] (the lower one is its mirror)."""
+        rows, cols = np.triu_indices(self.total.shape[1])
+        return {"count": self.n, "sum": self.total.copy(),
+                "outer": np.concatenate([block[:, rows, cols] for block in self.outer])}
+
+    def add_sums(self, sums):
+        """Add sums() of other images (another worker's, or earlier ones) to these."""
+        if self.shift is None:
+            self._allocate(*sums["sum"].shape)
+        rows, cols = np.triu_indices(self.total.shape[1])
+        self.n += int(sums["count"])
+        self.total += sums["sum"]
+        for index, block in enumerate(self.outer):
+            tri = sums["outer"][index * self.block:index * self.block + len(block)]
+            block[:, rows, cols] += tri
+            block[:, cols, rows] = block[:, rows, cols]
+
+    def all_reduce(self, group):
+        """Sum the statistics over the workers of `group` (one float64 all_reduce per block)."""
+        rows, cols = np.triu_indices(self.total.shape[1])
+        self.n = int(group.all_reduce_sum([self.n], "summing the image counts")[0])
+        self.total = group.all_reduce_sum(self.total, "summing the feature sums", wait=False)
+        for block in self.outer:
+            tri = group.all_reduce_sum(block[:, rows, cols], "summing the outer products", wait=False)
+            block[:, rows, cols] = tri
+            block[:, cols, rows] = tri
 
     def finalize(self, epsilon=EPSILON):
         """-> mean [P, k], and the precision inv(cov + eps*I) packed by pack_precision
@@ -297,6 +336,7 @@ class PaDiM:
     """fit(train batches) -> state; feature_net(state) -> graph; score(outputs, stats) -> patch maps."""
 
     MATCH_KEYS = ("k",)
+    SPLITS_IMAGES = True  # fit(group=...) takes one worker's share of the images
 
     def __init__(self, config):
         self.config = config
@@ -324,8 +364,10 @@ class PaDiM:
         net.eval()
         return net
 
-    def fit(self, batches, engine_kwargs, weights_path, progress=True):
-        """`batches`: a callable returning a fresh iterator of image batches (svd_ortho reads twice)."""
+    def fit(self, batches, engine_kwargs, weights_path, progress=True, group=None, keep_sums=False):
+        """`batches`: a callable returning a fresh iterator of image batches (svd_ortho reads twice).
+        With `group` (scaleout.Group) each worker passes its share of the images and the float64
+        statistics are summed over the workers; keep_sums: state["sums"] holds them for --update."""
         cfg = self.config
         preprocess = Preprocess.from_config(cfg)
         shape, tiles = preprocess.input_shape, preprocess.tiles.count if preprocess.tiles else 1
@@ -333,33 +375,36 @@ class PaDiM:
         net.backbone.load_pretrained(weights_path)
         gram = None
         if cfg["method"] == "svd_ortho":  # a first pass over the full-channel features
-            gram = _gram_matrix(make_engine(net, shape, **engine_kwargs), batches(), progress)
+            gram = _gram_matrix(make_engine(net, shape, **engine_kwargs), batches(), progress, group)
         kind, projection = make_projection(cfg["method"], self._channels(), cfg["k"], cfg["seed"], gram)
         net.set_projection(kind, projection)
         engine = make_engine(net, shape, **engine_kwargs)
-        acc = GaussianAccumulator()
-        buffer, filled = None, 0
-        for images in tqdm(batches(), desc="fit", unit="batch", disable=not progress, leave=False):
-            for i in range(0, len(images), tiles):  # `batches` yields network inputs: an image's tiles in a row
-                f = positions_of_tiles(run_in_chunks(engine, images[i:i + tiles])[0], tiles)
-                if buffer is None:
-                    per_image = f.nbytes
-                    buffer = np.empty((max(1, min(ACCUMULATE_IMAGES, ACCUMULATE_BYTES // per_image)),) + f.shape[1:],
-                                      np.float32)
-                buffer[filled] = f[0]
-                filled += 1
-                if filled == len(buffer):
-                    acc.update(buffer)
-                    filled = 0
-        if filled:
-            acc.update(buffer[:filled])
+        acc = GaussianAccumulator(exact=group is not None or keep_sums)
+        accumulate(engine, batches(), acc, progress, tiles)
+        if group is not None:
+            acc.all_reduce(group)
+        sums = acc.sums() if keep_sums else None
         mean, packed, scale = acc.finalize()
         state = {"projection_kind": kind, "projection": projection,
                  "net": {k: v.numpy() for k, v in net.state_dict().items()},
                  "stats": {"mean": mean, "precision_packed": packed, "precision_scale": scale}}
         if tiles > 1:
             state["stats"]["tiles"] = np.array(tiles)  # score() regroups each image's tiles (deployment too)
+        if sums is not None:
+            state["sums"] = sums
         return state, engine
+
+    def update(self, state, sums, batches, engine_kwargs, progress=True):
+        """Add images to a fitted model: its saved float64 sums plus those of `batches` (run through
+        the model's own network and projection) -> (new stats, new sums, engine)."""
+        preprocess = Preprocess.from_config(self.config)
+        engine = make_engine(self.feature_net(state), preprocess.input_shape, **engine_kwargs)
+        acc = GaussianAccumulator(exact=True)
+        acc.add_sums(sums)
+        accumulate(engine, batches(), acc, progress, preprocess.tiles.count if preprocess.tiles else 1)
+        sums = acc.sums()
+        mean, packed, scale = acc.finalize()
+        return {"mean": mean, "precision_packed": packed, "precision_scale": scale}, sums, engine
 
     @staticmethod
     def score(outputs, stats):
@@ -378,8 +423,29 @@ def run_in_chunks(engine, images, chunk=1):
     return [np.concatenate([p[j] for p in parts]) for j in range(len(parts[0]))]
 
 
-def _gram_matrix(engine, batches, progress):
-    """Centred C x C Gram matrix of all training feature vectors (for svd_ortho)."""
+def accumulate(engine, batches, acc, progress, tiles=1):
+    """Run every image of `batches` (network inputs: with tiling, each image's `tiles` tiles in a
+    row) through `engine` into the GaussianAccumulator `acc`, one image's positions at a time."""
+    buffer, filled = None, 0
+    for images in tqdm(batches, desc="fit", unit="batch", disable=not progress, leave=False):
+        for i in range(0, len(images), tiles):
+            f = positions_of_tiles(run_in_chunks(engine, images[i:i + tiles])[0], tiles)
+            if buffer is None:
+                per_image = f.nbytes
+                buffer = np.empty((max(1, min(ACCUMULATE_IMAGES, ACCUMULATE_BYTES // per_image)),) + f.shape[1:],
+                                  np.float32)
+            buffer[filled] = f[0]
+            filled += 1
+            if filled == len(buffer):
+                acc.update(buffer)
+                filled = 0
+    if filled:
+        acc.update(buffer[:filled])
+
+
+def _gram_matrix(engine, batches, progress, group=None):
+    """Centred C x C Gram matrix of all training feature vectors (for svd_ortho), summed over
+    the workers of `group`."""
     s = g = None
     n = 0
     for images in tqdm(batches, desc="svd", unit="batch", disable=not progress, leave=False):
@@ -388,4 +454,8 @@ def _gram_matrix(engine, batches, progress):
         s = x.sum(0) if s is None else s + x.sum(0)
         g = x.T @ x if g is None else g + x.T @ x
         n += len(x)
+    if group is not None:
+        n = group.all_reduce_sum([n], "summing the feature counts")[0]
+        s = group.all_reduce_sum(s, "summing the features")
+        g = group.all_reduce_sum(g, "summing the Gram matrices")
     return g - np.outer(s, s) / n

@@ -77,87 +77,119 @@ def patch_rows(features):
 
 
 # ---------------------------------------------------------------- coreset
-def greedy_k_center(points, n_select, seed, per_update=256, n_candidates=4096, n_blocks=1024, progress=False):
+def greedy_k_center(points, n_select, seed, per_update=256, n_candidates=4096, n_blocks=1024, progress=False,
+                    group=None, overwrite=False):
     """Exact greedy k-center (Gonzalez): a seeded random first centre, then always the point
-    farthest from the centres chosen so far.
+    farthest from the centres chosen so far (ties: the lowest index).
 
     -> (indices [n_select] in selection order, radii [n_select]); radii[t] is the distance of
     centre t to the earlier centres, i.e. the coverage radius of the first t (radii[0] = inf),
     so it never increases.
 
-    Two exact accelerations (float32 arithmetic, ties aside):
+    With `group` (scaleout.Group) each worker passes its share of the points (the shares, in
+    rank order, are the points) and gets the indices one process would choose from all of
+    them. Distances are computed in float64 and compared rounded to float32, so that a distance
+    is the same number whichever worker, block or matrix product computed it.
+
+    Two exact accelerations (ties aside):
     * lazy updates: every point's squared distance to the chosen set (`nearest`) is updated by
       one matrix product per `per_update` new centres. In between, the next centre is the best
-      of the `n_candidates` points with the largest stale distances, whose distances are kept
-      current: stale distances only overestimate, so while that best beats the largest stale
-      distance outside the candidates it is the farthest point; otherwise the update runs early.
+      of a pool of `n_candidates` points with the largest stale distances (each worker offers
+      its share of the pool: one exchange per round), whose distances are kept current: stale
+      distances only overestimate, so while that best beats the largest stale distance outside
+      the pool it is the farthest point; otherwise the update runs early.
     * pruning: from the first `n_blocks` centres on, points are grouped (and stored contiguously)
       by their nearest centre, a ball of radius R_b around centre b. A new centre c can only
       bring a point of block b closer when |c - b| - R_b < the farthest point of b (triangle
       inequality); other blocks are skipped (~90% of the distances on bottle at 10%).
+
+    overwrite: `points` (float64) may be used as the working copy, saving one copy's memory.
     """
-    z = np.asarray(points, np.float32)
+    rank, workers = (0, 1) if group is None else (group.rank, group.size)
+    z = np.asarray(points, np.float64) if overwrite else np.array(points, np.float64)  # centred in place
     n = len(z)
-    if not 0 < n_select <= n:
-        raise ValueError(f"cannot select {n_select} of {n} points")
-    z = z - z.mean(axis=0)  # smaller norms: less cancellation in |x|^2 - 2 x.c + |c|^2
+    counts = [n] if group is None else group.gather(n, "counting the patches")
+    start, n_total = sum(counts[:rank]), sum(counts)
+    if not 0 < n_select <= n_total:
+        raise ValueError(f"cannot select {n_select} of {n_total} points")
+    total = z.sum(axis=0)
+    z -= (total if group is None else group.all_reduce_sum(total, "summing the patches")) / n_total
     sq = np.einsum("ij,ij->i", z, z)
-    order = np.arange(n)    # working position -> input index (points get regrouped by block)
-    first = np.random.RandomState(seed).randint(n)
-    chosen, radii = [first], [np.inf]
-    nearest = np.maximum(sq - 2 * (z @ z[first]) + sq[first], 0)
-    nearest[first] = -np.inf  # chosen points are marked, so that rounding never brings one back
+    order = np.arange(start, start + n)  # working position -> global index (points get regrouped by block)
+    pool_share = max(1, -(-n_candidates // workers))
+    first = np.random.RandomState(seed).randint(n_total)
+    row = z[first - start] if start <= first < start + n else np.zeros(z.shape[1])
+    row = row if group is None else group.all_reduce_sum(row, "sending the first centre")  # zeros elsewhere
+    chosen, radii, centres = [first], [np.inf], [row]
+    nearest = as_distance(sq - 2 * (z @ row) + row @ row)
+    if start <= first < start + n:
+        nearest[first - start] = -np.inf  # chosen points are marked, so that rounding never brings one back
     owner = np.zeros(n, np.int64)  # position in `chosen` of each point's nearest centre
     blocks = None                  # (bounds, centres, their |c|^2, radius, farthest) once grouped
 
-    def pick(limit):
-        top = min(n, n_candidates)
+    def offer_pool():
+        """-> every worker's candidates [m, 2 + D] (distance, global index, point), in index
+        order, the largest stale distance outside them, and {global index: my position}."""
+        top = min(n, pool_share)
         split = np.argpartition(nearest, n - top)
         cand = split[n - top:]
-        stale_max = nearest[split[:n - top]].max() if top < n else -np.inf
-        current, zc, sqc = nearest[cand], z[cand], sq[cand]
+        stale = nearest[split[:n - top]].max() if top < n else -np.inf
+        offer = np.full((pool_share, 3 + z.shape[1]), -np.inf)
+        offer[:top, 0], offer[:top, 1], offer[:top, 3:] = nearest[cand], order[cand], z[cand]
+        offer[:, 2] = stale
+        pool = offer if group is None else group.exchange(offer, "choosing the farthest patch")
+        pool = pool[pool[:, 1] >= 0]
+        pool = pool[np.argsort(pool[:, 1], kind="stable")]  # argmax's first maximum: the lowest index
+        return pool, pool[:, 2].max() if len(pool) else -np.inf, dict(zip(order[cand].tolist(), cand.tolist()))
+
+    def pick(limit):
+        pool, stale_max, mine = offer_pool()
+        current, index, zc = pool[:, 0].astype(np.float32), pool[:, 1].astype(np.int64), pool[:, 3:]
+        sqc = np.einsum("ij,ij->i", zc, zc)
         new = []
         while len(new) < limit:
             i = int(current.argmax())
             if current[i] < stale_max:
                 break
-            new.append(int(cand[i]))
+            new.append(i)
             radii.append(float(np.sqrt(max(current[i], 0))))
-            np.minimum(current, sqc - 2 * (zc @ zc[i]) + sqc[i], out=current)
+            np.minimum(current, as_distance(sqc - 2 * (zc @ zc[i]) + sqc[i]), out=current)
             current[i] = -np.inf
-        return new
+        for i in new:
+            if int(index[i]) in mine:
+                nearest[mine[int(index[i])]] = -np.inf
+        return index[new].tolist(), zc[new]
 
-    def dense_update(new):
-        base, zt, sqn = len(chosen) - len(new), -2 * z[new].T, sq[new]
+    def dense_update(new_rows):
+        base, zt, sqn = len(chosen) - len(new_rows), -2 * new_rows.T, np.einsum("ij,ij->i", new_rows, new_rows)
 
         def rows(lo):
             s = slice(lo, lo + ROW_CHUNK)
             d = z[s] @ zt
             d += sqn
             arg = d.argmin(axis=1)
-            dist = np.maximum(d[np.arange(len(d)), arg] + sq[s], 0)
+            dist = as_distance(d[np.arange(len(d)), arg] + sq[s])
             closer = dist < nearest[s]
             nearest[s] = np.where(closer, dist, nearest[s])
             owner[s] = np.where(closer, base + arg, owner[s])
         over_positions(rows, n, ROW_CHUNK)
 
     def group_by_owner():
-        nonlocal z, sq, nearest, order, chosen
+        nonlocal z, sq, nearest, order
         perm = np.argsort(owner, kind="stable")
         z, sq, nearest, order = z[perm], sq[perm], nearest[perm], order[perm]
-        chosen = list(np.argsort(perm)[chosen])  # the centres' new working positions
         bounds = np.searchsorted(owner[perm], np.arange(len(chosen) + 1))
         radius = np.full(len(chosen), -np.inf, np.float32)  # empty blocks are never reached
         full = np.flatnonzero(np.diff(bounds) > 0)
         radius[full] = np.sqrt(np.maximum(np.maximum.reduceat(nearest, bounds[full]), 0))
-        centres = z[chosen]
-        return bounds, centres, np.einsum("ij,ij->i", centres, centres), radius, radius.copy()
+        block_centres = np.array(centres)
+        return bounds, block_centres, np.einsum("ij,ij->i", block_centres, block_centres), radius, radius.copy()
 
-    def blocked_update(new):
-        bounds, centres, centre_sq, radius, farthest = blocks
-        zt, sqn = -2 * z[new].T, sq[new]
-        centre_dist = np.sqrt(np.maximum(centre_sq[:, None] + centres @ zt + sqn, 0))
-        # Small margin: the bound must not prune on float32 rounding.
+    def blocked_update(new_rows):
+        bounds, block_centres, centre_sq, radius, farthest = blocks
+        zt, sqn = -2 * new_rows.T, np.einsum("ij,ij->i", new_rows, new_rows)
+        centre_dist = np.sqrt(np.maximum(centre_sq[:, None] + block_centres @ zt + sqn, 0))
+        # Small margin: the bound must not prune on rounding.
         reach = centre_dist < (radius + farthest)[:, None] * (1 + 1e-5) + 1e-6
         active = np.flatnonzero(reach.any(axis=1))
         step = -(-len(active) // 8)  # a few slices per thread: blocks differ in size and reach
@@ -167,7 +199,7 @@ def greedy_k_center(points, n_select, seed, per_update=256, n_candidates=4096, n
                 s, cols = slice(bounds[b], bounds[b + 1]), reach[b]
                 d = z[s] @ zt[:, cols]
                 d += sqn[cols]
-                np.minimum(nearest[s], d.min(axis=1) + sq[s], out=nearest[s])
+                np.minimum(nearest[s], as_distance(d.min(axis=1) + sq[s]), out=nearest[s])
                 farthest[b] = np.sqrt(max(nearest[s].max(), 0))
         over_positions(update, len(active), max(step, 1))
 
@@ -178,17 +210,22 @@ def greedy_k_center(points, n_select, seed, per_update=256, n_candidates=4096, n
             limit = min(per_update, n_select - len(chosen))
             if blocks is None and len(chosen) < n_blocks:
                 limit = min(limit, n_blocks - len(chosen))
-            new = pick(limit)
+            new, new_rows = pick(limit)
             chosen += new
+            centres += list(new_rows)
             bar.update(len(new))
             if len(chosen) == n_select:
                 break
-            (dense_update if blocks is None else blocked_update)(new)
-            nearest[new] = -np.inf
+            (dense_update if blocks is None else blocked_update)(new_rows)
             if blocks is None and len(chosen) >= n_blocks:
                 blocks = group_by_owner()
     bar.close()
-    return order[np.array(chosen)], np.array(radii)
+    return np.array(chosen), np.array(radii)
+
+
+def as_distance(d2):
+    """float64 squared distances -> float32, clipped at 0: the numbers every comparison uses."""
+    return np.maximum(d2, 0).astype(np.float32)
 
 
 # ---------------------------------------------------------------- image score
@@ -218,6 +255,7 @@ class PatchCore:
     image_score -> the re-weighted image scores (the Detector's hook)."""
 
     MATCH_KEYS = ("coreset_ratio",)
+    SPLITS_IMAGES = True  # fit(group=...) takes one worker's share of the images
 
     def __init__(self, config):
         self.config = config
@@ -247,12 +285,16 @@ class PatchCore:
         net.eval()
         return net
 
-    def fit(self, batches, engine_kwargs, weights_path, progress=True):
+    def fit(self, batches, engine_kwargs, weights_path, progress=True, group=None):
+        """With `group` (scaleout.Group) each worker passes its share of the images and keeps only
+        its share of the patches; the coreset is the one a single process would choose."""
         net, engine = self.feature_engine(weights_path, engine_kwargs)
         parts = self.training_rows(engine, batches(), progress)
-        bank, projection = self.select_coreset(parts, progress)
+        bank, projection = self.select_coreset(parts, progress, group)
+        patches = sum(len(p) for p in parts)
         state = {"net": {k: v.numpy() for k, v in net.state_dict().items()}, "stats": {"memory_bank": bank},
-                 "projection": projection, "train_patches": sum(len(p) for p in parts)}
+                 "projection": projection,
+                 "train_patches": patches if group is None else sum(group.gather(patches, "counting the patches"))}
         return state, engine
 
     def feature_engine(self, weights_path, engine_kwargs):
@@ -268,18 +310,28 @@ class PatchCore:
         return [patch_rows(run_in_chunks(engine, images)[0])
                 for images in tqdm(batches, desc="features", unit="batch", disable=not progress, leave=False)]
 
-    def select_coreset(self, parts, progress=False):
+    def select_coreset(self, parts, progress=False, group=None):
         """Training patch rows (a list of arrays, never concatenated: they are the largest
-        thing held) -> (memory bank [M, D] in selection order, projection [D, 128])."""
+        thing held) -> (memory bank [M, D] in selection order, projection [D, 128]). With
+        `group`, this worker's share of the rows; every worker gets the whole bank."""
         dim = parts[0].shape[1]
         _, projection = make_projection("gaussian", [dim], min(PROJECT_DIM, dim), self.config["seed"])
-        projected = np.concatenate([p @ projection for p in parts])
-        n_select = max(1, round(len(projected) * self.ratio))
-        chosen, _ = greedy_k_center(projected, n_select, self.config["seed"], progress=progress)
-        offsets = np.cumsum([0] + [len(p) for p in parts])
-        part = np.searchsorted(offsets, chosen, side="right") - 1
-        bank = np.stack([parts[i][j] for i, j in zip(part, chosen - offsets[part])])
-        return bank, projection
+        projected = np.concatenate([(p @ projection).astype(np.float64) for p in parts])
+        counts = [len(projected)] if group is None else group.gather(len(projected), "counting the patches")
+        n_select = max(1, round(sum(counts) * self.ratio))
+        chosen, _ = greedy_k_center(projected, n_select, self.config["seed"], progress=progress, group=group,
+                                    overwrite=True)
+        del projected
+        start = sum(counts[:0 if group is None else group.rank])
+        offsets = start + np.cumsum([0] + [len(p) for p in parts])
+        mine = np.flatnonzero((chosen >= offsets[0]) & (chosen < offsets[-1]))
+        part = np.searchsorted(offsets, chosen[mine], side="right") - 1
+        rows = [parts[i][j] for i, j in zip(part, chosen[mine] - offsets[part])]
+        if group is None:
+            return np.stack(rows), projection
+        bank = np.zeros((n_select, dim), np.float32)  # each row from its owner, zeros elsewhere: the sum is exact
+        bank[mine] = rows
+        return group.all_reduce_sum(bank, "collecting the memory bank", np.float32), projection
 
     def nearest_index(self, stats):
         """The search index of the bank, built once per bank (grouped: 0.5-0.8 s for 10% of bottle)."""
