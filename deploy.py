@@ -18,6 +18,7 @@ import numpy as np
 from datasets.transforms import Preprocess
 from models import build_method, check_model_matches, load_model
 from models.backbone import InferenceEngine, model_file_for, save_static
+from models.parallel import set_cpu_threads
 from models.postprocess import Detector
 from utils import UserError, atomic_path, current_rss_mb, peak_rss_mb
 
@@ -113,6 +114,7 @@ def resolve_files(model_dir=None, model_file=None, params_file=None, stats=None)
 def load_deployed(model_file, params_file, stats_path, backend="paddle", **config_kwargs):
     """-> (Detector, meta). Checks that the graph's output matches the statistics."""
     meta, stats = load_stats(stats_path)
+    set_cpu_threads(config_kwargs.get("cpu_threads"))  # scoring follows --cpu_threads too
     cfg = meta["config"]
     if backend == "paddle":
         engine = InferenceEngine(model_file, params_file, **config_kwargs)

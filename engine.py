@@ -19,6 +19,7 @@ from datasets.transforms import Preprocess, parse_image_size
 from datasets.verify import check_samples
 from models import build_method, check_geometry, check_model_matches, load_model, save_model
 from models.backbone import ARCHS, make_engine
+from models.parallel import set_cpu_threads
 from models.padim_sums import save_sums
 from models.postprocess import Detector
 from utils import (UserError, dumps_json, fmt, format_table, peak_rss_mb, set_seed, str2bool,
@@ -128,6 +129,7 @@ def parse(parser, argv=None):
     args = parser.parse_args(argv)
     resolve_data_args(args)
     parse_geometry(args)
+    set_cpu_threads(args.cpu_threads)  # statistics, scoring and BLAS follow --cpu_threads too
     if hasattr(args, "method"):
         build_method(runtime_config(method_config(args), args))  # bad method flags fail now, in one line
     if args.save_path is None:

@@ -18,13 +18,12 @@
   grouping is rebuilt at load (one product of the bank with the centres and a principal-
   component basis: 0.5-0.8 s for the 10% bottle bank on the loaded 2-core machine; deterministic).
 """
-import os
 
 import numba
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from models.padim import over_positions
+from models.parallel import cpu_threads, over_positions
 from utils import UserError
 
 INDEX_KINDS = ("grouped", "brute", "faiss")
@@ -92,7 +91,7 @@ class BruteForceIndex(_Counted):
         idx = np.empty((len(q), k), np.int64)
         # At least one block per core (one image's 784 queries against a 1% bank would otherwise
         # be a single block on a single thread).
-        rows = max(1, min(QUERY_BLOCK // len(self.bank), -(-len(q) // (os.cpu_count() or 1))))
+        rows = max(1, min(QUERY_BLOCK // len(self.bank), -(-len(q) // cpu_threads())))
 
         def block(lo):
             s = slice(lo, lo + rows)
@@ -180,7 +179,7 @@ class GroupedIndex(_Counted):
         d2 = np.empty((len(q), k), np.float32)
         idx = np.empty((len(q), k), np.int64)
         computed = np.zeros((len(q), 2), np.int64)  # full distances, row bounds
-        step = -(-len(q) // (4 * (os.cpu_count() or 1)))
+        step = -(-len(q) // (4 * cpu_threads()))
 
         def run(lo):
             _grouped_knn(q, q_sq, q_low, q_residual, by_group[lo:lo + step], to_centres_low, to_centres + slack,

@@ -16,19 +16,17 @@ matrices (R18 k=100: 31 MB instead of 125 MB, on disk too), and a compiled kerne
 (`mahalanobis`) reads it once per image. On bottle (R18 k=100) the distance agrees with the
 float64 formula to 1.2e-4 relative at worst, 6e-6 on average (float16 storage: 6e-4).
 """
-import os
-from concurrent.futures import ThreadPoolExecutor
 
 import numba
 import numpy as np
 import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
-from threadpoolctl import ThreadpoolController
 from tqdm import tqdm
 
 from datasets.transforms import Preprocess
 from models.backbone import ResNetFeatures, check_backbone_input, concat_to_first, make_engine
+from models.parallel import cpu_threads, over_positions
 from utils import UserError
 
 PROJECTIONS = ("sample", "h_sample", "ortho", "svd_ortho", "gaussian")
@@ -123,17 +121,6 @@ class PaDiMFeatureNet(nn.Layer):
 
 
 # ---------------------------------------------------------------- statistics
-_POOL = ThreadPoolExecutor(max_workers=os.cpu_count() or 1)
-_BLAS = ThreadpoolController()
-
-
-def over_positions(fn, n_positions, chunk):
-    """Run fn(lo) for every chunk of positions (or rows), one thread per core. Each matrix is
-    small, so BLAS's own threading only adds overhead: it is held at one thread while chunks
-    run in parallel (numpy and LAPACK release the GIL)."""
-    with _BLAS.limit(limits=1):
-        list(_POOL.map(fn, range(0, n_positions, chunk)))
-
 
 
 class GaussianAccumulator:
@@ -303,7 +290,7 @@ def mahalanobis(feats, mean, packed, scale):
                          f"and packed precision {list(packed.shape)}")
     x = np.ascontiguousarray(feats, np.float32).reshape(b, k, h * w)
     out = np.empty((b, h * w), np.float32)
-    step = -(-h * w // (4 * (os.cpu_count() or 1)))  # a few chunks per core balance the threads
+    step = -(-h * w // (4 * cpu_threads()))  # a few chunks per core balance the threads
 
     def distance(lo):
         _packed_quadratic_forms(x, mean, packed, scale, out, lo, min(lo + step, h * w))

@@ -24,7 +24,8 @@ from tqdm import tqdm
 from datasets.transforms import Preprocess
 from models.backbone import ResNetFeatures, check_backbone_input, make_engine
 from models.nn_index import build_index, import_faiss
-from models.padim import make_projection, over_positions, run_in_chunks
+from models.padim import make_projection, run_in_chunks
+from models.parallel import over_positions
 from utils import UserError
 
 LAYERS = ("layer2", "layer3")
