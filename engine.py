@@ -129,7 +129,7 @@ def parse(parser, argv=None):
     args = parser.parse_args(argv)
     resolve_data_args(args)
     parse_geometry(args)
-    set_cpu_threads(args.cpu_threads)  # statistics, scoring and BLAS follow --cpu_threads too
+    set_cpu_threads(getattr(args, "cpu_threads", None))  # statistics, scoring and BLAS follow --cpu_threads too
     if hasattr(args, "method"):
         build_method(runtime_config(method_config(args), args))  # bad method flags fail now, in one line
     if args.save_path is None:
