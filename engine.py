@@ -232,12 +232,13 @@ def train_category(args, category):
     preprocess = Preprocess.from_config(cfg)
     samples = dataset.train_samples(category)
     # A broken image or mask fails before the fit, not after (PNG CRCs: ~1/6 of decoding them; bench_verify.py).
-    check_samples(samples + (dataset.test_samples(category) if args.eval else []), args.num_workers,
+    group = scaleout.split_group()  # set when the workers share this category's images
+    checked = samples + (dataset.test_samples(category) if args.eval else [])
+    check_samples(checked if group is None else scaleout.share_of(checked, group), args.num_workers,
                   progress=not args.no_progress)
     fit_samples, calib_samples = (samples, []) if args.eval else split_calibration(samples, args.calib_ratio, args.seed)
     t0 = time.perf_counter()
     options = method.fit_options(args, category) if hasattr(method, "fit_options") else {}
-    group = scaleout.split_group()  # set when the workers share this category's images
     if group is not None:
         options["group"] = group
     if getattr(args, "keep_sums", False):
@@ -476,7 +477,9 @@ def run_each_category(args, work, title, on_result=None):
         results.append(result)
         if not plan.writes:
             continue
-        if "image_AUROC" in result:
+        if "image_AUROC" in result and result["image_AUROC"] is None:
+            print("  image AUROC: none (the test set holds one class only); thresholds from its normal images")
+        elif "image_AUROC" in result:
             pixel = "no masks" if result.get("no_masks") else fmt(result["pixel_AUROC"])
             print(f"  image AUROC {fmt(result['image_AUROC'])}  pixel AUROC {pixel}"
                   + (f"  PRO {fmt(result['PRO'])}" if result.get("PRO") is not None else ""))

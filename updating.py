@@ -31,6 +31,11 @@ def update_category(args, category):
         raise UserError(f"{path} is an svd_ortho model, whose projection is fitted to its training images: "
                         f"new images would change it; fit again on all images")
     sums = load_sums(path, state)
+    if getattr(args, "normal_dir", None):  # folder mode: every new good image is a training image
+        if args.eval:
+            raise UserError("--update --eval in folder mode: the new folder has no test split; evaluate the updated "
+                            "model with eval.py on its original folders")
+        args.normal_test_ratio = 0.0
     samples = open_dataset(args).train_samples(category)
     preprocess = Preprocess.from_config(state["config"])
     stats, sums, feature_engine = method.update(state, sums, engine.image_batches(samples, args, preprocess),

@@ -13,6 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from skimage.segmentation import find_boundaries  # noqa: E402
 
+from models.postprocess import prediction_fields  # noqa: E402
 from utils import UserError, atomic_path, refuse_overwrite, save_npy_atomic  # noqa: E402
 
 
@@ -91,8 +92,6 @@ def write_prediction(out_dir, image_path, stem, rgb, pred, save_pic, overwrite):
         save_prediction_figure(files["overlay"], rgb, pred["anomaly_map"], pred["pred_mask"],
                                title=f"{os.path.basename(image_path)}  score {pred['pred_score']:.3f}  "
                                      f"{'anomalous' if pred['pred_label'] else 'normal'}")
-    record = {"image_path": image_path, "pred_score": round(pred["pred_score"], 6),
-              "pred_label": "anomalous" if pred["pred_label"] else "normal",
-              "raw_score": pred["raw_score"], **files}
+    record = {"image_path": image_path, **prediction_fields(pred), **files}
     print(json.dumps(record))
     return record

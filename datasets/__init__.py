@@ -17,6 +17,9 @@ def open_dataset(args, stored_split=None):
         from datasets.folder import FolderDataset
         return FolderDataset(args.normal_dir, args.abnormal_dir, args.mask_dir, args.category,
                              args.normal_test_ratio, args.seed, stored_split)
+    if stored_split:  # its test images are recorded by name: another layout would test on training images
+        raise UserError("this model was trained in folder mode (its test split is recorded in the model): "
+                        "evaluate it with the same --normal_dir/--abnormal_dir, not --data_path")
     return MVTecDataset(args.data_path)
 
 

@@ -62,8 +62,9 @@ class TileGrid:
 
     def stitch(self, tile_maps, border=0):
         """[B * count, T, T] maps of `split`'s tiles -> [B, H, W], the mean of the tiles over each
-        pixel. `border`: pixels along a tile's edges that the method does not score (EfficientAD's
-        16); they are left out of the mean wherever another tile scores the pixel."""
+        pixel. `border`: pixels along a tile's edges that the method does not score (EfficientAD: its
+        16 unscored pixels and the 2 the upsampling mixes with them); they are left out of the mean
+        wherever another tile scores the pixel."""
         t, n = self.tile, self.count
         weights, total = self._weights(int(border))
         grouped = np.asarray(tile_maps, np.float32).reshape(-1, n, t, t)

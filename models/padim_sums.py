@@ -10,7 +10,15 @@ from utils import UserError, atomic_path
 SUMS_FORMAT = "paddle-anomaly-sums/1"
 # The flags that define what the sums are sums of: the same images through another network,
 # projection or crop would add up to nonsense.
-DEFINING_KEYS = ("method", "arch", "k", "seed", "resize", "crop_size", "backbone_weights")
+DEFINING_KEYS = ("method", "arch", "k", "seed", "resize", "crop_size", "crop", "image_size", "tile", "tile_stride",
+                 "backbone_weights")
+
+
+def defining_flags(config):
+    """The meta lines of a config (a saved tuple may come back as a list: both read HxW)."""
+    def text(value):
+        return "x".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value)
+    return [SUMS_FORMAT] + [f"{k}={text(config.get(k))}" for k in DEFINING_KEYS]
 
 
 def sums_path(model_path):
@@ -21,7 +29,7 @@ def sums_path(model_path):
 
 def save_sums(model_path, sums, config):
     path = sums_path(model_path)
-    meta = np.array([SUMS_FORMAT] + [f"{k}={config.get(k)}" for k in DEFINING_KEYS])
+    meta = np.array(defining_flags(config))
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, count=np.int64(sums["count"]), sum=sums["sum"], outer=sums["outer"], meta=meta)
@@ -40,8 +48,7 @@ def load_sums(model_path, state):
     except (OSError, ValueError, KeyError) as err:
         raise UserError(f"cannot read the sums {path}: {err}") from None
     config = state["config"]
-    expected = [SUMS_FORMAT] + [f"{k}={config.get(k)}" for k in DEFINING_KEYS]
-    if list(sums["meta"]) != expected:
+    if list(sums["meta"]) != defining_flags(config):
         raise UserError(f"{path} does not belong to {model_path} (its flags differ); fit again with --keep_sums")
     mean = sums["sum"] / max(int(sums["count"]), 1)
     if mean.shape != state["stats"]["mean"].shape or not np.allclose(mean, state["stats"]["mean"], rtol=1e-4,

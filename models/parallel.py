@@ -6,6 +6,7 @@ Without it, two workers launched with --cpu_threads 1 on a 2-core machine each s
 statistics on both cores and slowed each other down.
 """
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 from threadpoolctl import ThreadpoolController, threadpool_limits
@@ -13,16 +14,18 @@ from threadpoolctl import ThreadpoolController, threadpool_limits
 _BLAS = ThreadpoolController()
 _threads = os.cpu_count() or 1
 _pool = None
+_pool_lock = threading.Lock()  # a service scores several models from their own threads
 
 
 def set_cpu_threads(count):
     """Threads for over_positions and BLAS from now on (default: every core)."""
     global _threads, _pool
     count = max(1, int(count or os.cpu_count() or 1))
-    if count != _threads:
-        if _pool is not None:
-            _pool.shutdown(wait=True)
-        _threads, _pool = count, None
+    with _pool_lock:
+        if count != _threads:
+            if _pool is not None:
+                _pool.shutdown(wait=True)
+            _threads, _pool = count, None
     if count < (os.cpu_count() or 1):
         threadpool_limits(limits=count, user_api="blas")  # stays in force (no `with`)
 
@@ -36,7 +39,9 @@ def over_positions(fn, n_positions, chunk):
     is small, so BLAS's own threading only adds overhead: it is held at one thread while chunks
     run in parallel (numpy and LAPACK release the GIL)."""
     global _pool
-    if _pool is None:
-        _pool = ThreadPoolExecutor(max_workers=_threads)
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(max_workers=_threads)
+        pool = _pool
     with _BLAS.limit(limits=1):
-        list(_pool.map(fn, range(0, n_positions, chunk)))
+        list(pool.map(fn, range(0, n_positions, chunk)))

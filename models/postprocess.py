@@ -73,6 +73,13 @@ def normalize(values, threshold, low, high):
     return np.clip((np.asarray(values, np.float32) - threshold) / span + 0.5, 0.0, 1.0)
 
 
+def prediction_fields(pred):
+    """The answer fields of one calibrated prediction, as infer.py writes them and the service
+    answers them (one definition: the two must agree)."""
+    return {"pred_score": round(pred["pred_score"], 6),
+            "pred_label": "anomalous" if pred["pred_label"] else "normal", "raw_score": pred["raw_score"]}
+
+
 class Detector:
     """images [B,3,H,W] -> raw image scores and maps, and the calibrated uniform output.
 

@@ -19,6 +19,7 @@ from PIL import Image
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from datasets.transforms import ImageTooLarge
+from models.postprocess import prediction_fields
 from service.metrics import CONTENT_TYPE, ServiceMetrics
 from service.workers import Overloaded
 from utils import UserError
@@ -54,9 +55,7 @@ def png_base64(gray_u8):
 def prediction_record(worker, pred, with_map):
     """infer.py's JSON fields (visualize.write_prediction), plus the category and model; with
     `with_map` the calibrated map (0..1 as 0..255, 0.5 = threshold) and the mask as PNGs."""
-    record = {"category": worker.category, "model": worker.model_name,
-              "pred_score": round(pred["pred_score"], 6),
-              "pred_label": "anomalous" if pred["pred_label"] else "normal", "raw_score": pred["raw_score"]}
+    record = {"category": worker.category, "model": worker.model_name, **prediction_fields(pred)}
     if with_map:
         heat = np.rint(np.clip(pred["anomaly_map"], 0.0, 1.0) * 255.0).astype(np.uint8)
         record["anomaly_map_png"] = png_base64(heat)

@@ -4,6 +4,7 @@ import signal
 
 import uvicorn
 from PIL import Image
+from threadpoolctl import threadpool_limits
 
 from service.app import Limits, create_app
 from service.metrics import ServiceMetrics
@@ -29,6 +30,10 @@ def run_service(args):
     max_pixels = int(args.max_megapixels * 1e6)
     Image.MAX_IMAGE_PIXELS = max_pixels  # Pillow's own guard agrees with ours
     engine_config = inference_config(args)
+    # BLAS at one thread for good: each model's worker thread scores under a temporary one-thread
+    # limit (postprocess, over_positions), and those limits, saved and restored from several
+    # threads at once, could otherwise leave BLAS at whichever setting was restored last.
+    threadpool_limits(limits=1, user_api="blas")
     dirs = find_model_dirs(args.model_dir)
     metrics = ServiceMetrics(list(dirs), args.max_batch)
     workers = {c: ModelWorker(c, d, engine_config, metrics, args.max_batch, args.max_wait_ms, args.max_queue)
