@@ -5,24 +5,24 @@
 """
 import os
 
-import engine
+import cli
 from deploy import export_model
 from utils import UserError, run_cli
 
 
 def main(argv=None):
-    parser = engine.parser_with(engine.add_model_args, description=__doc__)
+    parser = cli.parser_with(cli.add_model_args, description=__doc__)
     parser.add_argument("--category", default=None, help="with --save_path: exports <save_path>/<category>.pdparams")
     parser.add_argument("--save_dir", default=None, help="output folder (default inference/<category>)")
     parser.add_argument("--onnx", action="store_true", help="also write model.onnx with paddle2onnx")
-    args = engine.parse(parser, argv)
+    args = cli.parse(parser, argv)
     if not args.model_path and not args.category:
         raise UserError("give --model_path <category>.pdparams, or --category with --save_path")
-    model_path = engine.model_path_for(args, args.category) if args.category else args.model_path
+    model_path = cli.model_path_for(args, args.category) if args.category else args.model_path
     if not model_path.endswith(".pdparams"):
         raise UserError(f"--model_path must be a <category>.pdparams file, got {model_path}")
     save_dir = args.save_dir or os.path.join("inference", args.category or os.path.basename(model_path)[:-9])
-    files = export_model(model_path, save_dir, onnx=args.onnx, expect=engine.method_config(args))
+    files = export_model(model_path, save_dir, onnx=args.onnx, expect=cli.method_config(args))
     for f in files:
         print(f"wrote {f}")
     return 0

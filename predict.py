@@ -7,23 +7,24 @@ Prints one JSON line per image (pred_score, pred_label, file paths) and writes t
 """
 import os
 
-import engine
+import cli
+import evaluation
 from datasets.transforms import list_input_images
-from utils import run_cli
+from utils import run_cli, str2bool
 
 
 def main(argv=None):
-    parser = engine.parser_with(engine.add_model_args, engine.add_runtime_args, description=__doc__)
+    parser = cli.parser_with(cli.add_model_args, cli.add_runtime_args, description=__doc__)
     parser.add_argument("inputs", nargs="+", help="image files or folders")
     parser.add_argument("--category", default=None, help="which <category>.pdparams to use")
     parser.add_argument("--output_dir", default=None, help="default <save_path>/predictions/<category>")
-    parser.add_argument("--save_pic", type=engine.str2bool, default=False, help="also write an overlay figure")
+    parser.add_argument("--save_pic", type=str2bool, default=False, help="also write an overlay figure")
     parser.add_argument("--overwrite", action="store_true", help="replace earlier outputs of the same images")
-    args = engine.parse(parser, argv)
+    args = cli.parse(parser, argv)
     paths = list_input_images(args.inputs)
     if args.output_dir is None:
         args.output_dir = os.path.join(args.save_path, "predictions", args.category or "")
-    engine.predict_images(args, paths)
+    evaluation.predict_images(args, paths)
     return 0
 
 

@@ -4,15 +4,17 @@
         --backbone_weights weights.pdparams --eval --eval_PRO [--report]
     python train.py --normal_dir PATH/good --abnormal_dir PATH/reject [--mask_dir PATH/masks] --category cap --eval
 """
+import cli
 import engine
+import training
 import report
 import updating
 from utils import run_cli
 
 
 def main(argv=None):
-    parser = engine.parser_with(engine.add_model_args, engine.add_data_args, engine.add_runtime_args,
-                                engine.add_eval_args, report.add_report_args, description=__doc__)
+    parser = cli.parser_with(cli.add_model_args, cli.add_data_args, cli.add_runtime_args,
+                                cli.add_eval_args, report.add_report_args, description=__doc__)
     parser.add_argument("--backbone_weights", default=None,
                         help="local ImageNet .pdparams for the backbone (default: the bundled weights for resnet18, "
                              "else download the official ones)")
@@ -28,13 +30,13 @@ def main(argv=None):
     parser.add_argument("--update", action="store_true",
                         help="PaDiM/OrthoAD: add the training images under --data_path to the model at "
                              "--model_path (fitted with --keep_sums) instead of fitting a new one")
-    args = engine.parse(parser, argv)
+    args = cli.parse(parser, argv)
     updating.check_keep_sums(args)
     args.eval_PRO = args.eval_PRO or args.report
     args.eval = args.eval or args.eval_PRO or args.save_pic
     if args.distill:
-        return engine.distill_teacher(args)
-    work = updating.update_category if args.update else engine.train_category
+        return training.distill_teacher(args)
+    work = updating.update_category if args.update else training.train_category
     return engine.run_categories(args, work, "train")
 
 

@@ -6,7 +6,9 @@ from datasets.transforms import Preprocess
 from models import build_method, check_model_matches, load_model, save_model
 from models.padim_sums import load_sums, save_sums
 from utils import UserError
-import engine
+import cli
+import evaluation
+import training
 import scaleout
 
 
@@ -21,10 +23,10 @@ def update_category(args, category):
     """Add the training images of `category` under --data_path to the model at --model_path."""
     if scaleout.split_group() is not None:
         raise UserError("--update runs in one process (it reads only the new images)")
-    path = engine.model_path_for(args, category)
+    path = cli.model_path_for(args, category)
     state = load_model(path)
-    check_model_matches(state, engine.method_config(args), path)
-    method = build_method(engine.runtime_config(state["config"], args))
+    check_model_matches(state, cli.method_config(args), path)
+    method = build_method(cli.runtime_config(state["config"], args))
     if not hasattr(method, "update"):
         raise UserError(f"{path} is a {state['config']['method']} model; --update adds images to PaDiM/OrthoAD models")
     if state["config"]["method"] == "svd_ortho":
@@ -38,12 +40,12 @@ def update_category(args, category):
         args.normal_test_ratio = 0.0
     samples = open_dataset(args).train_samples(category)
     preprocess = Preprocess.from_config(state["config"])
-    stats, sums, feature_engine = method.update(state, sums, engine.image_batches(samples, args, preprocess),
-                                                engine.engine_kwargs(args), progress=not args.no_progress)
+    stats, sums, feature_engine = method.update(state, sums, training.image_batches(samples, args, preprocess),
+                                                cli.engine_kwargs(args), progress=not args.no_progress)
     state["stats"], state["train_images"] = stats, sums["count"]
     result = {"category": category}
     if args.eval:
-        result = engine.evaluate_category(args, category, engine.detector_for(state, feature_engine, method),
+        result = evaluation.evaluate_category(args, category, evaluation.detector_for(state, feature_engine, method),
                                           preprocess)
         state["calibration"] = result["calibration"]
     elif state.get("calibration"):

@@ -16,7 +16,8 @@ import numpy as np
 
 from common import DATA, WEIGHTS, bare_backbone, load_images, require_shared, time_per_image
 
-import engine  # noqa: E402
+import cli  # noqa: E402
+import evaluation  # noqa: E402
 import export_model  # noqa: E402
 import infer  # noqa: E402
 import train  # noqa: E402
@@ -149,9 +150,9 @@ def main():
                 if meta["config"]["method"] == "coreset":
                     search_figures(name, detector, meta, images, batch)
                 if batch == 1:
-                    eager_args = engine.parse(engine.parser_with(engine.add_model_args, engine.add_runtime_args),
+                    eager_args = cli.parse(cli.parser_with(cli.add_model_args, cli.add_runtime_args),
                                               [*flags, "--model_path", run, "--engine", "eager"])
-                    _, eager, _ = engine.load_detector(eager_args, "bottle")
+                    _, eager, _ = evaluation.load_detector(eager_args, "bottle")
                     # Eager scoring on tensors at the model's own input size (EfficientAD: 256).
                     model_images = load_images(samples[:10], eager_args.resize, eager_args.crop_size)
                     eager_ms = 1000 * time_per_image(eager.raw, model_images)

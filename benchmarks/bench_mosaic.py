@@ -21,7 +21,8 @@ from PIL import Image
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import DATA, WEIGHTS, require_shared  # noqa: E402
 
-import engine  # noqa: E402
+import cli  # noqa: E402
+import evaluation  # noqa: E402
 import metrics  # noqa: E402
 import train  # noqa: E402
 from datasets.transforms import Preprocess  # noqa: E402
@@ -112,12 +113,12 @@ def run_pipeline(data_root, save, method_flags, geometry, no_progress=True):
     t0 = time.perf_counter()
     assert train.main(common + ["--calib_ratio", "0"]) == 0
     fit_s = time.perf_counter() - t0
-    parser = engine.parser_with(engine.add_model_args, engine.add_data_args, engine.add_runtime_args,
-                                engine.add_eval_args)
-    args = engine.parse(parser, [a for a in common if a not in ("--backbone_weights", WEIGHTS)])
-    state, detector, _ = engine.load_detector(args, CATEGORY)
+    parser = cli.parser_with(cli.add_model_args, cli.add_data_args, cli.add_runtime_args,
+                                cli.add_eval_args)
+    args = cli.parse(parser, [a for a in common if a not in ("--backbone_weights", WEIGHTS)])
+    state, detector, _ = evaluation.load_detector(args, CATEGORY)
     t1 = time.perf_counter()
-    result = engine.evaluate_category(args, CATEGORY, detector, Preprocess.from_config(state["config"]))
+    result = evaluation.evaluate_category(args, CATEGORY, detector, Preprocess.from_config(state["config"]))
     test_s = time.perf_counter() - t1
     arrays = result["arrays"]
     labels, scores, maps, masks = arrays["labels"], arrays["scores"], arrays["maps"], arrays["masks"]

@@ -52,7 +52,7 @@ def bench_fit():
     bare_s = time_all(lambda: run_in_chunks(floor, images))
     cfg = dict(method="ortho", arch="resnet18", k=100, seed=521, resize=256, crop_size=224)
     from datasets.transforms import Preprocess
-    from engine import image_batches
+    from training import image_batches
     args = argparse.Namespace(batch_size=8, resize=256, crop_size=224, num_workers=2)
     t0 = time.perf_counter()
     state, engine = PaDiM(cfg).fit(image_batches(samples, args, Preprocess.from_config(cfg)), dict(engine="inference", cpu_threads=2), WEIGHTS,

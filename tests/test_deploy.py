@@ -5,7 +5,8 @@ import os
 import numpy as np
 import pytest
 
-import engine
+import cli
+import evaluation
 import export_model
 import infer
 import predict
@@ -57,9 +58,9 @@ def assert_maps_agree(records, pred_dir, atol):
 
 def eager_scores(bottle_run, test_images):
     """Raw image scores from predict's eager path, keyed by image."""
-    args = engine.parse(engine.parser_with(engine.add_model_args, engine.add_runtime_args),
+    args = cli.parse(cli.parser_with(cli.add_model_args, cli.add_runtime_args),
                         [*R18, "--model_path", bottle_run, "--engine", "eager"])
-    _, detector, _ = engine.load_detector(args, "bottle")
+    _, detector, _ = evaluation.load_detector(args, "bottle")
     out = {}
     for p in list_input_images(test_images):
         chw, _ = load_and_preprocess(p, 256, 224)

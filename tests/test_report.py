@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import engine
+from results import write_category_metrics, write_results
 import eval as eval_script
 import metrics
 import report
@@ -217,8 +217,8 @@ def test_compare_shows_no_masks(tmp_path):
                           ("labels", [fake_result(*NO_MASK_CATEGORY, data_root, 1, True)]),
                           ("labels2", [fake_result(*NO_MASK_CATEGORY, data_root, 2, True)])):
         for r in results:
-            engine.write_category_metrics(runs[name], r)
-        engine.write_results(runs[name], results)
+            write_category_metrics(runs[name], r)
+        write_results(runs[name], results)
     out = str(tmp_path / "cmp")
     assert eval_script.main(["--compare", runs["masked"], runs["labels"], "--save_path", out]) == 0
     table = {r["category"]: r for r in read_csv(os.path.join(out, "comparison.csv"))}

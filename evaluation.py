@@ -1,0 +1,169 @@
+"""Scoring a test set (metrics, thresholds, pictures), evaluating and predicting with a saved
+model: what eval.py and predict.py run, and train.py after a fit."""
+import os
+import time
+
+import numpy as np
+from tqdm import tqdm
+
+import metrics
+import report
+import scaleout
+import visualize
+from cli import engine_kwargs, method_config, model_path_for, runtime_config
+from datasets import iterate_batches, open_dataset
+from datasets.mvtec import has_masks
+from datasets.transforms import Preprocess
+from models import build_method, check_model_matches, load_model, save_model
+from models.backbone import make_engine
+from models.postprocess import Detector
+from utils import UserError
+
+
+def detector_for(state, engine, method):
+    preprocess = Preprocess.from_config(state["config"])
+    return Detector.for_method(method, engine, state["stats"], preprocess.map_size, state.get("calibration"),
+                               tiles=preprocess.tiles)
+
+
+def normal_calibration(scores, maps, count):
+    """Thresholds from normal images only: the largest score seen, so every held-out normal
+    image and pixel is below threshold."""
+    top = float(maps.max())
+    return {"image_threshold": float(scores.max()), "pixel_threshold": top,
+            "image_min": float(scores.min()), "image_max": float(scores.max()),
+            "pixel_min": float(maps.min()), "pixel_max": top,
+            "source": f"max over {count} held-out normal training images"}
+
+
+def evaluate_category(args, category, detector, preprocess, dataset=None):
+    """Score the test set (preprocessed as the model's `preprocess` says); metrics, F1-optimal
+    thresholds, optional pictures. Defective images without masks: image-level metrics only.
+    Under a launch with the category split, each worker scores its share and worker 0 the metrics."""
+    samples = every_sample = (dataset or open_dataset(args)).test_samples(category)
+    no_masks = any(s.label for s in every_sample) and not has_masks(every_sample)
+    group = scaleout.split_group()  # set when the workers share this category's images
+    if group is not None:
+        samples = scaleout.share_of(samples, group)
+    n = len(samples)
+    size = detector.map_size
+    maps = np.empty((n, *size), np.float32)
+    masks = np.empty((n, *size), np.uint8)
+    scores = np.empty(n, np.float32)
+    rgbs = np.empty((n, *size, 3), np.uint8) if args.save_pic or getattr(args, "report", False) else None
+    pos = 0
+    t0 = time.perf_counter()
+    bar = tqdm(total=n, desc=f"test {category}", unit="img", disable=args.no_progress, leave=False)
+    for batch, images, rgb, mask in iterate_batches(samples, args.batch_size, preprocess,
+                                                    with_mask=True, workers=args.num_workers):
+        s, m = detector.raw(images)
+        sl = slice(pos, pos + len(batch))
+        scores[sl], maps[sl], masks[sl] = s, m, mask
+        if rgbs is not None:
+            rgbs[sl] = rgb
+        pos += len(batch)
+        bar.update(len(batch))
+    bar.close()
+    if group is not None:  # worker 0 computes the metrics on every worker's scores, in image order
+        gathered = scaleout.gather_arrays(group, (scores, maps, masks, rgbs), "collecting the test scores")
+        if gathered is None:
+            return None
+        (scores, maps, masks, rgbs), samples, n = gathered, every_sample, len(every_sample)
+    labels = np.array([s.label for s in samples])
+    test_s = time.perf_counter() - t0
+    result = {"category": category, "test_images": n, "ms_per_image": 1000 * test_s / n}
+    result["image_AUROC"] = metrics.auroc(labels, scores, args.non_partial_AUC)
+    result["pixel_AUROC"] = None if no_masks else metrics.auroc(masks, maps, args.non_partial_AUC)
+    result["PRO"] = pro_curve = None
+    if no_masks:
+        result["no_masks"] = True  # masks stay all-zero arrays: pixel metrics are not defined
+    if args.eval_PRO and not no_masks:
+        t1 = time.perf_counter()
+        pro_curve = metrics.pro_curve(masks, maps)  # kept for the report's plot: computed once
+        if pro_curve is not None:
+            result["PRO"] = metrics.area_up_to(pro_curve[0], pro_curve[1], metrics.PRO_FPR_LIMIT,
+                                               args.non_partial_AUC)
+        result["pro_s"] = time.perf_counter() - t1
+    if labels.any() and not labels.all():
+        calib = {"image_threshold": metrics.f1_optimal_threshold(labels, scores),
+                 "image_min": float(scores.min()), "image_max": float(scores.max()),
+                 "pixel_min": float(maps.min()), "pixel_max": float(maps.max()),
+                 "source": f"F1-optimal on the {n} test images of {category}"}
+        if no_masks:  # the pixel threshold as training without labels sets it: above every normal pixel
+            normals = int((labels == 0).sum())
+            calib["pixel_threshold"] = float(maps[labels == 0].max())
+            calib["source"] = (f"image threshold F1-optimal on the {n} test images of {category}; no masks: "
+                               f"pixel threshold the max over its {normals} normal test images")
+        else:
+            calib["pixel_threshold"] = metrics.f1_optimal_threshold(masks, maps)
+    else:
+        calib = normal_calibration(scores[labels == 0], maps[labels == 0], int((labels == 0).sum()))
+    result["calibration"] = calib
+    result["image_report"] = metrics.classification_report(labels, scores, calib["image_threshold"])
+    result["pixel_report"] = metrics.classification_report(masks, maps, calib["pixel_threshold"])
+    result["predictions"] = [{"image_path": s.image_path, "defect_type": s.defect_type, "label": int(s.label),
+                              "raw_score": float(v)} for s, v in zip(samples, scores)]
+    # In-memory only (not written to metrics JSON): for reports built right after evaluation.
+    result["arrays"] = {"scores": scores, "maps": maps, "masks": masks, "labels": labels, "rgbs": rgbs,
+                        "pro_curve": None if pro_curve is None else pro_curve[:2]}
+    if args.save_pic:
+        detector.calibration = calib
+        out_dir = os.path.join(args.save_path, "pictures", category)
+        for i, s in enumerate(tqdm(samples, desc=f"pictures {category}", unit="img", disable=args.no_progress, leave=False)):
+            pred = detector.calibrated(scores[i:i + 1], maps[i:i + 1])[0]
+            stem = os.path.splitext(os.path.basename(s.image_path))[0]
+            visualize.save_prediction_figure(os.path.join(out_dir, f"{s.defect_type}_{stem}.png"), rgbs[i],
+                                   pred["anomaly_map"], pred["pred_mask"], masks[i],
+                                   title=f"{category}/{s.defect_type}/{stem}  score {pred['pred_score']:.3f}")
+    return result
+
+
+def load_detector(args, category):
+    path = model_path_for(args, category)
+    state = load_model(path)
+    check_model_matches(state, method_config(args), path)
+    method = build_method(runtime_config(state["config"], args))
+    engine = make_engine(method.feature_net(state), Preprocess.from_config(state["config"]).input_shape,
+                         **engine_kwargs(args))
+    return state, detector_for(state, engine, method), path
+
+
+def eval_category(args, category):
+    state, detector, path = load_detector(args, category)
+    keeps_stored = getattr(args, "report", False) and not args.update_thresholds
+    if keeps_stored and not state.get("calibration"):
+        raise UserError(f"{path} has no stored thresholds, which --report shows; evaluate with "
+                        f"--update_thresholds True (the default) or train with --eval or --calib_ratio > 0")
+    # The model's own preprocessing and, in folder mode, its own test split, whatever flags were given.
+    dataset = open_dataset(args, state.get("split"))
+    result = evaluate_category(args, category, detector, Preprocess.from_config(state["config"]), dataset)
+    if result is None:  # a worker that scored its share; worker 0 writes
+        return {"category": category}
+    if dataset.split is not None:
+        result["split"] = dataset.split
+    if args.update_thresholds:
+        state["calibration"] = result["calibration"]
+        save_model(path, state)
+        print(f"  stored F1-optimal thresholds in {path}")
+    elif keeps_stored:
+        report.apply_thresholds(result, state["calibration"])  # the report shows what predict.py outputs
+    result["config"] = state["config"]
+    return result
+
+
+# ---------------------------------------------------------------- prediction
+def predict_images(args, paths):
+    """Calibrated prediction per image; writes map (.npy), mask (.png) and overlay figure."""
+    if args.category is None:
+        raise UserError("--category is required (it selects <model_path>/<category>.pdparams)")
+    state, detector, model_path = load_detector(args, args.category)
+    if not state.get("calibration"):
+        raise UserError(f"{model_path} has no calibrated thresholds; run eval.py on it first")
+    preprocess = Preprocess.from_config(state["config"])
+    records = []
+    stems = visualize.output_stems(paths)
+    for path in tqdm(paths, desc="predict", unit="img", disable=args.no_progress or len(paths) < 2, leave=False):
+        chw, rgb = preprocess.load(path)
+        pred = detector.predict(chw[None])[0]
+        records.append(visualize.write_prediction(args.output_dir, path, stems[path], rgb, pred, args.save_pic, args.overwrite))
+    return records
