@@ -100,10 +100,10 @@ class Group:
         if self.size > 1:
             self._wait_all(self._key("barrier"), what)
 
-    def all_reduce_sum(self, array, what="all_reduce", dtype=np.float64, wait=True):
+    def all_reduce_sum(self, array, what="all_reduce", dtype=np.float64, wait=True, to=None):
         """Element-wise sum over the workers of an array (the same shape on each), in `dtype`.
         wait: first meet in the store (a worker may be minutes behind); False right after a
-        call that met."""
+        call that met. to: only worker `to` gets the sum (gloo's reduce), the others None."""
         array = np.ascontiguousarray(array, dtype)
         if self.size == 1:
             return array
@@ -111,15 +111,38 @@ class Group:
         import paddle.distributed as dist
         if wait:
             self.barrier(what)  # everyone is here: gloo's own 30 s timeout now only covers the transfer
-        flat = array.reshape(-1).copy()
+        flat, out = array.reshape(-1), np.empty(array.size, dtype)
         try:
             for lo in range(0, len(flat), REDUCE_CHUNK):
                 part = paddle.to_tensor(flat[lo:lo + REDUCE_CHUNK])
-                dist.all_reduce(part)
-                flat[lo:lo + REDUCE_CHUNK] = part.numpy()
+                if to is None:
+                    dist.all_reduce(part)
+                else:
+                    dist.reduce(part, dst=to)
+                out[lo:lo + REDUCE_CHUNK] = part.numpy()
         except RuntimeError as err:  # gloo: a peer closed its connection or timed out
             self.fail(f"{what} failed: a peer stopped answering ({str(err).splitlines()[0][:160]})")
-        return flat.reshape(array.shape)
+        return out.reshape(array.shape) if to in (None, self.rank) else None
+
+    def gather_rows(self, array, what="gather"):
+        """Every worker's array (the same shape but for the number of rows) concatenated in rank
+        order, on every worker: gloo's all_gather of its bytes, padded to the longest."""
+        array = np.ascontiguousarray(array)
+        if self.size == 1:
+            return array
+        import paddle
+        import paddle.distributed as dist
+        counts = self.gather(len(array), what)  # also meets every worker
+        row = array.itemsize * int(np.prod(array.shape[1:]))
+        padded = np.zeros(max(counts) * row, np.uint8)
+        padded[:array.nbytes] = array.reshape(-1).view(np.uint8)
+        parts = []
+        try:
+            dist.all_gather(parts, paddle.to_tensor(padded))
+        except RuntimeError as err:
+            self.fail(f"{what} failed: a peer stopped answering ({str(err).splitlines()[0][:160]})")
+        return np.concatenate([p.numpy()[:c * row].view(array.dtype).reshape((c,) + array.shape[1:])
+                               for p, c in zip(parts, counts)])
 
     def average_tensor(self, tensor, what="average"):
         """Mean over the workers of a paddle tensor: gloo's all_reduce with no store barrier (a

@@ -36,6 +36,7 @@ POSITION_CHUNK = 256  # positions per vectorised step (at most; see position_chu
 INVERT_BYTES = 4 << 20  # float64 matrices per inversion step (a few such temporaries per thread)
 BLOCK_BYTES = 64 << 20  # outer-product blocks: above glibc's largest mmap threshold (32 MB)
 ACCUMULATE_IMAGES = 32  # outer products over 32 images per matmul run ~2x faster than over 8...
+REDUCE_VALUES = 4 << 20  # float64 values of sums per reduce step (32 MB)
 ACCUMULATE_BYTES = 64 << 20  # ...but the feature buffer stays under 64 MB (WRN50 k=300: 17 images)
 
 
@@ -132,8 +133,11 @@ class GaussianAccumulator:
     and the packed result grows into the memory given back (WRN50 k=300: 1.1 GB, not 1.4)."""
 
     def __init__(self, exact=False):
-        # exact: float64 sums of x and x x^T with no shift, which add up across workers and
-        # over time (the shifted float32 sums of a plain fit depend on each worker's first batch).
+        # exact: float64 sums that add up across workers and over time. Every mode accumulates
+        # float32 outer products of x - shift (the first batch's mean); exact mode folds each
+        # update's (at most ACCUMULATE_IMAGES images: ~1e-7 relative) into float64 sums, which
+        # sums() re-centres on zero (float32 sums over all images would lose digits, and float64
+        # products cost twice as much).
         self.exact = exact
         self.n = 0
         self.shift = self.total = self.outer = None
@@ -143,13 +147,10 @@ class GaussianAccumulator:
         x = feats.reshape(b, k, -1).transpose(2, 0, 1)  # [P, B, k]
         step = position_chunk(k)
         if self.shift is None:
-            self._allocate(x.shape[0], k, None if self.exact else x.mean(axis=1).astype(np.float32))
+            self._allocate(x.shape[0], k, x.mean(axis=1).astype(np.float32))
 
         def accumulate(lo):
-            if self.exact:
-                xc = x[lo:lo + step].astype(np.float64)
-            else:
-                xc = x[lo:lo + step] - self.shift[lo:lo + step, None, :]
+            xc = x[lo:lo + step] - self.shift[lo:lo + step, None, :]
             self.total[lo:lo + step] += xc.sum(axis=1)
             at = lo % self.block
             self.outer[lo // self.block][at:at + step] += np.matmul(xc.transpose(0, 2, 1), xc)
@@ -157,43 +158,50 @@ class GaussianAccumulator:
         over_positions(accumulate, x.shape[0], step)
         self.n += b
 
-    def _allocate(self, positions, k, shift=None):
+    def _allocate(self, positions, k, shift):
         dtype = np.float64 if self.exact else np.float32
         step = position_chunk(k)
         self.block = step * max(1, -(-BLOCK_BYTES // (step * k * k * np.dtype(dtype).itemsize)))  # whole steps
-        self.shift = np.zeros((positions, k), np.float32) if shift is None else shift
+        self.shift = shift
         self.total = np.zeros((positions, k), np.float64)
         self.outer = [np.zeros((min(self.block, positions - lo), k, k), dtype)
                       for lo in range(0, positions, self.block)]
 
-    def sums(self):
-        """The sufficient statistics of an exact accumulator, float64: count, sum of x [P, k] and
-        the upper triangle of sum x x^T [P, k(k+1)/2] (the lower one is its mirror)."""
+    def _steps(self, lo, hi):
+        """(position, its block's rows) for positions lo..hi, in steps within one block."""
+        step = position_chunk(self.total.shape[1])
+        while lo < hi:
+            at = lo % self.block
+            end = min(hi, lo + step, lo - at + self.block)
+            yield lo, self.outer[lo // self.block][at:at + end - lo]
+            lo = end
+
+    def sums(self, lo=0, hi=None):
+        """The sufficient statistics of an exact accumulator (of positions lo..hi), float64: count,
+        sum of x [P, k] and the upper triangle of sum x x^T [P, k(k+1)/2] (the lower one is its mirror)."""
+        hi = len(self.total) if hi is None else hi
         rows, cols = np.triu_indices(self.total.shape[1])
-        return {"count": self.n, "sum": self.total.copy(),
-                "outer": np.concatenate([block[:, rows, cols] for block in self.outer])}
+        shift, total = self.shift[lo:hi].astype(np.float64), self.total[lo:hi]
+        # sum x x^T = sum (x-s)(x-s)^T + s t^T + t s^T + n s s^T, with t = sum (x-s)
+        outer = _symmetric_rank2(shift, total + self.n / 2 * shift, rows, cols)
+        for at, block in self._steps(lo, hi):
+            outer[at - lo:at - lo + len(block)] += block[:, rows, cols]
+        return {"count": self.n, "sum": total + self.n * shift, "outer": outer}
 
     def add_sums(self, sums):
         """Add sums() of other images (another worker's, or earlier ones) to these."""
+        count, total = int(sums["count"]), sums["sum"]
         if self.shift is None:
-            self._allocate(*sums["sum"].shape)
+            self._allocate(*total.shape, (total / max(count, 1)).astype(np.float32))
         rows, cols = np.triu_indices(self.total.shape[1])
-        self.n += int(sums["count"])
-        self.total += sums["sum"]
-        for index, block in enumerate(self.outer):
-            tri = sums["outer"][index * self.block:index * self.block + len(block)]
-            block[:, rows, cols] += tri
+        shift = self.shift.astype(np.float64)
+        # about the shift: sum (x-s)(x-s)^T = sum x x^T - s T^T - T s^T + n s s^T, with T = sum x
+        outer = sums["outer"] - _symmetric_rank2(shift, total - count / 2 * shift, rows, cols)
+        self.n += count
+        self.total += total - count * shift
+        for at, block in self._steps(0, len(self.total)):
+            block[:, rows, cols] += outer[at:at + len(block)]
             block[:, cols, rows] = block[:, rows, cols]
-
-    def all_reduce(self, group):
-        """Sum the statistics over the workers of `group` (one float64 all_reduce per block)."""
-        rows, cols = np.triu_indices(self.total.shape[1])
-        self.n = int(group.all_reduce_sum([self.n], "summing the image counts")[0])
-        self.total = group.all_reduce_sum(self.total, "summing the feature sums", wait=False)
-        for block in self.outer:
-            tri = group.all_reduce_sum(block[:, rows, cols], "summing the outer products", wait=False)
-            block[:, rows, cols] = tri
-            block[:, cols, rows] = tri
 
     def finalize(self, epsilon=EPSILON):
         """-> mean [P, k], and the precision inv(cov + eps*I) packed by pack_precision
@@ -222,6 +230,41 @@ class GaussianAccumulator:
         over_positions(invert_block, len(self.outer), chunk=1)
         self.outer = None
         return (self.shift + m).astype(np.float32), packed, scale
+
+
+def finalize_over(acc, group, keep_sums=False):
+    """finalize() for the images of every worker of `group`, each with its own images' exact
+    accumulator `acc`: each worker receives the summed sums of its own share of the positions
+    (gloo's reduce to that share's owner, step by step: no worker copies or sends a whole
+    all_reduce), inverts and packs only those, and the packed shares are gathered.
+    -> ((mean, packed, scale), every worker's summed sums if keep_sums else None)."""
+    count = int(group.all_reduce_sum([acc.n], "summing the image counts")[0])  # meets every worker
+    positions, k = acc.total.shape
+    bounds = [positions * r // group.size for r in range(group.size + 1)]
+    step = max(1, REDUCE_VALUES // (k + k * (k + 1) // 2))
+    mine = []
+    for owner in range(group.size):
+        for lo in range(bounds[owner], bounds[owner + 1], step):
+            part = acc.sums(lo, min(lo + step, bounds[owner + 1]))
+            got = group.all_reduce_sum(np.concatenate([part["sum"], part["outer"]], axis=1),
+                                       "summing the statistics", wait=False, to=owner)
+            if got is not None:
+                mine.append(got)
+    acc.outer = None  # the share's own accumulator takes its place
+    mine = np.concatenate(mine)
+    share = {"count": count, "sum": mine[:, :k], "outer": mine[:, k:]}
+    own = GaussianAccumulator(exact=True)
+    own.add_sums(share)
+    model = tuple(group.gather_rows(a, "gathering the model") for a in own.finalize())
+    if not keep_sums:
+        return model, None
+    return model, {"count": count, "sum": group.gather_rows(share["sum"], "gathering the sums"),
+                   "outer": group.gather_rows(share["outer"], "gathering the sums")}
+
+
+def _symmetric_rank2(a, b, rows, cols):
+    """Upper triangles (rows, cols from np.triu_indices) of a b^T + b a^T per position."""
+    return a[:, rows] * b[:, cols] + b[:, rows] * a[:, cols]
 
 
 def unpack_precision(packed, scale):
@@ -368,10 +411,11 @@ class PaDiM:
         engine = make_engine(net, shape, **engine_kwargs)
         acc = GaussianAccumulator(exact=group is not None or keep_sums)
         accumulate(engine, batches(), acc, progress, tiles)
-        if group is not None:
-            acc.all_reduce(group)
-        sums = acc.sums() if keep_sums else None
-        mean, packed, scale = acc.finalize()
+        if group is None:
+            sums = acc.sums() if keep_sums else None
+            mean, packed, scale = acc.finalize()
+        else:
+            (mean, packed, scale), sums = finalize_over(acc, group, keep_sums)
         state = {"projection_kind": kind, "projection": projection,
                  "net": {k: v.numpy() for k, v in net.state_dict().items()},
                  "stats": {"mean": mean, "precision_packed": packed, "precision_scale": scale}}
