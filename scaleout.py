@@ -111,7 +111,8 @@ class Group:
         import paddle.distributed as dist
         if wait:
             self.barrier(what)  # everyone is here: gloo's own 30 s timeout now only covers the transfer
-        flat, out = array.reshape(-1), np.empty(array.size, dtype)
+        flat = array.reshape(-1)
+        out = None if len(flat) <= REDUCE_CHUNK else np.empty(array.size, dtype)  # one call: its own array
         try:
             for lo in range(0, len(flat), REDUCE_CHUNK):
                 part = paddle.to_tensor(flat[lo:lo + REDUCE_CHUNK])
@@ -119,30 +120,37 @@ class Group:
                     dist.all_reduce(part)
                 else:
                     dist.reduce(part, dst=to)
-                out[lo:lo + REDUCE_CHUNK] = part.numpy()
+                if to not in (None, self.rank):
+                    continue
+                if out is None:
+                    out = part.numpy()
+                else:
+                    out[lo:lo + REDUCE_CHUNK] = part.numpy()
         except RuntimeError as err:  # gloo: a peer closed its connection or timed out
             self.fail(f"{what} failed: a peer stopped answering ({str(err).splitlines()[0][:160]})")
-        return out.reshape(array.shape) if to in (None, self.rank) else None
+        return None if out is None else out.reshape(array.shape)
 
-    def gather_rows(self, array, what="gather"):
-        """Every worker's array (the same shape but for the number of rows) concatenated in rank
-        order, on every worker: gloo's all_gather of its bytes, padded to the longest."""
-        array = np.ascontiguousarray(array)
+    def gather_rows(self, arrays, counts, what="gather"):
+        """Each worker's arrays (the same shapes but for the number of rows; worker r has counts[r]
+        rows) concatenated in rank order, on every worker: one gloo all_gather of their bytes,
+        padded to the longest share, with no store round trip (~40 ms each): for workers in step."""
+        arrays = [np.ascontiguousarray(a) for a in arrays]
         if self.size == 1:
-            return array
+            return arrays
         import paddle
         import paddle.distributed as dist
-        counts = self.gather(len(array), what)  # also meets every worker
-        row = array.itemsize * int(np.prod(array.shape[1:]))
-        padded = np.zeros(max(counts) * row, np.uint8)
-        padded[:array.nbytes] = array.reshape(-1).view(np.uint8)
+        widths = [a.itemsize * int(np.prod(a.shape[1:])) for a in arrays]
+        rows = np.zeros((max(counts), sum(widths)), np.uint8)
+        rows[:counts[self.rank]] = np.concatenate([a.reshape(len(a), -1).view(np.uint8) for a in arrays], axis=1)
         parts = []
         try:
-            dist.all_gather(parts, paddle.to_tensor(padded))
+            dist.all_gather(parts, paddle.to_tensor(rows))
         except RuntimeError as err:
             self.fail(f"{what} failed: a peer stopped answering ({str(err).splitlines()[0][:160]})")
-        return np.concatenate([p.numpy()[:c * row].view(array.dtype).reshape((c,) + array.shape[1:])
-                               for p, c in zip(parts, counts)])
+        every = np.concatenate([p.numpy()[:c] for p, c in zip(parts, counts)])
+        edges = np.cumsum([0] + widths)
+        return [np.ascontiguousarray(every[:, lo:hi]).view(a.dtype).reshape((len(every),) + a.shape[1:])
+                for a, lo, hi in zip(arrays, edges[:-1], edges[1:])]
 
     def average_tensor(self, tensor, what="average"):
         """Mean over the workers of a paddle tensor: gloo's all_reduce with no store barrier (a
