@@ -245,25 +245,27 @@ def finalize_over(acc, group, keep_sums=False):
     count = int(group.all_reduce_sum([acc.n], "summing the image counts")[0])  # meets every worker
     positions, k = acc.total.shape
     bounds = [positions * r // group.size for r in range(group.size + 1)]
-    step = max(1, REDUCE_VALUES // (k + k * (k + 1) // 2))
-    mine = []
+    counts = np.diff(bounds).tolist()
+    step = max(1, REDUCE_VALUES // (k * (k + 1) // 2))
+    total, outer = None, []
     for owner in range(group.size):
-        for lo in range(bounds[owner], bounds[owner + 1], step):
-            part = acc.sums(lo, min(lo + step, bounds[owner + 1]))
-            got = group.all_reduce_sum(np.concatenate([part["sum"], part["outer"]], axis=1),
-                                       "summing the statistics", wait=False, to=owner)
-            if got is not None:
-                mine.append(got)
+        lo, hi = bounds[owner], bounds[owner + 1]
+        raw_sum = acc.total[lo:hi] + acc.n * acc.shift[lo:hi].astype(np.float64)
+        got = group.all_reduce_sum(raw_sum, "summing the statistics", wait=False, to=owner)
+        total = total if got is None else got
+        for at in range(lo, hi, step):
+            part = group.all_reduce_sum(acc.sums(at, min(at + step, hi))["outer"], "summing the statistics",
+                                        wait=False, to=owner)
+            outer += [] if part is None else [part]
     acc.outer = None  # the share's own accumulator takes its place
-    mine = np.concatenate(mine)
-    share = {"count": count, "sum": mine[:, :k], "outer": mine[:, k:]}
+    share = {"count": count, "sum": total, "outer": np.concatenate(outer)}
     own = GaussianAccumulator(exact=True)
     own.add_sums(share)
-    model = tuple(group.gather_rows(a, "gathering the model") for a in own.finalize())
+    model = tuple(group.gather_rows(own.finalize(), counts, "gathering the model"))
     if not keep_sums:
         return model, None
-    return model, {"count": count, "sum": group.gather_rows(share["sum"], "gathering the sums"),
-                   "outer": group.gather_rows(share["outer"], "gathering the sums")}
+    total, outer = group.gather_rows((share["sum"], share["outer"]), counts, "gathering the sums")
+    return model, {"count": count, "sum": total, "outer": outer}
 
 
 def triangle_rows(k):
