@@ -210,12 +210,8 @@ class GaussianAccumulator:
     def finalize(self, epsilon=EPSILON):
         """-> mean [P, k], and the precision inv(cov + eps*I) packed by pack_precision
         (int16 [P, k(k+1)/2], scale float32 [P])."""
-        if self.n < 2:
-            raise UserError("at least 2 training images are needed to fit a covariance")
-        n = self.n
-        m = self.total / n
-        k = self.outer[0].shape[1]
-        eye = np.eye(k) * epsilon
+        n, m = _count_and_mean(self.n, self.total)
+        k = m.shape[1]
         packed = np.empty((len(m), k * (k + 1) // 2), np.int16)
         scale = np.empty(len(m), np.float32)
         step = invert_chunk(k)
@@ -225,11 +221,8 @@ class GaussianAccumulator:
             for at in range(0, len(outer), step):
                 lo = index * self.block + at
                 hi = lo + min(step, len(outer) - at)
-                cov = outer[at:at + step].astype(np.float64)
-                cov -= n * m[lo:hi, :, None] * m[lo:hi, None, :]
-                cov /= n - 1
-                cov += eye
-                packed[lo:hi], scale[lo:hi] = pack_precision(np.linalg.inv(cov))
+                packed[lo:hi], scale[lo:hi] = _packed_precision(outer[at:at + step].astype(np.float64), m[lo:hi],
+                                                                 n, epsilon)
 
         over_positions(invert_block, len(self.outer), chunk=1)
         self.outer = None
@@ -257,15 +250,50 @@ def finalize_over(acc, group, keep_sums=False):
             part = group.all_reduce_sum(acc.sums(at, min(at + step, hi))["outer"], "summing the statistics",
                                         wait=False, to=owner)
             outer += [] if part is None else [part]
-    acc.outer = None  # the share's own accumulator takes its place
+    acc.outer = None
     share = {"count": count, "sum": total, "outer": np.concatenate(outer)}
-    own = GaussianAccumulator(exact=True)
-    own.add_sums(share)
-    model = tuple(group.gather_rows(own.finalize(), counts, "gathering the model"))
+    model = tuple(group.gather_rows(finalize_sums(share), counts, "gathering the model"))
     if not keep_sums:
         return model, None
     total, outer = group.gather_rows((share["sum"], share["outer"]), counts, "gathering the sums")
     return model, {"count": count, "sum": total, "outer": outer}
+
+
+def finalize_sums(sums, epsilon=EPSILON):
+    """GaussianAccumulator.finalize() straight from float64 sums() (of a worker's share of the
+    positions), unpacking a few triangles at a time instead of filling k x k accumulators."""
+    n, m = _count_and_mean(int(sums["count"]), sums["sum"])
+    k = m.shape[1]
+    rows, cols = np.triu_indices(k)
+    packed = np.empty((len(m), len(rows)), np.int16)
+    scale = np.empty(len(m), np.float32)
+    step = invert_chunk(k)
+
+    def invert(lo):
+        tri = sums["outer"][lo:lo + step]
+        outer = np.empty((len(tri), k, k))
+        outer[:, rows, cols] = tri
+        outer[:, cols, rows] = tri
+        packed[lo:lo + step], scale[lo:lo + step] = _packed_precision(outer, m[lo:lo + step], n, epsilon)
+
+    over_positions(invert, len(m), step)
+    return m.astype(np.float32), packed, scale
+
+
+def _count_and_mean(n, total):
+    if n < 2:
+        raise UserError("at least 2 training images are needed to fit a covariance")
+    return n, total / n
+
+
+def _packed_precision(outer, mean, n, epsilon):
+    """float64 sums of x x^T [c, k, k] (overwritten) and the mean, both about the same origin ->
+    pack_precision(inv(cov + epsilon * I))."""
+    cov = outer
+    cov -= n * mean[:, :, None] * mean[:, None, :]
+    cov /= n - 1
+    cov += np.eye(cov.shape[1]) * epsilon
+    return pack_precision(np.linalg.inv(cov))
 
 
 def triangle_rows(k):
