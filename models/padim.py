@@ -132,13 +132,7 @@ class GaussianAccumulator:
     mapping) as soon as it is inverted and packed: the peak stays at one float32 P*k*k array
     and the packed result grows into the memory given back (WRN50 k=300: 1.1 GB, not 1.4)."""
 
-    def __init__(self, exact=False):
-        # exact: float64 sums that add up across workers and over time. Every mode accumulates
-        # float32 outer products of x - shift (the first batch's mean); exact mode folds each
-        # update's (at most ACCUMULATE_IMAGES images: ~1e-7 relative) into float64 sums, which
-        # sums() re-centres on zero (float32 sums over all images would lose digits, and float64
-        # products cost twice as much).
-        self.exact = exact
+    def __init__(self):
         self.n = 0
         self.shift = self.total = self.outer = None
 
@@ -152,60 +146,22 @@ class GaussianAccumulator:
         def accumulate(lo):
             xc = x[lo:lo + step] - self.shift[lo:lo + step, None, :]
             self.total[lo:lo + step] += xc.sum(axis=1)
-            at = lo % self.block
-            self.outer[lo // self.block][at:at + step] += np.matmul(xc.transpose(0, 2, 1), xc)
+            self._add_outer(lo, np.matmul(xc.transpose(0, 2, 1), xc))
 
         over_positions(accumulate, x.shape[0], step)
         self.n += b
 
     def _allocate(self, positions, k, shift):
-        dtype = np.float64 if self.exact else np.float32
         step = position_chunk(k)
-        self.block = step * max(1, -(-BLOCK_BYTES // (step * k * k * np.dtype(dtype).itemsize)))  # whole steps
+        self.block = step * max(1, -(-BLOCK_BYTES // (step * k * k * 4)))  # whole steps
         self.shift = shift
         self.total = np.zeros((positions, k), np.float64)
-        self.outer = [np.zeros((min(self.block, positions - lo), k, k), dtype)
+        self.outer = [np.zeros((min(self.block, positions - lo), k, k), np.float32)
                       for lo in range(0, positions, self.block)]
 
-    def _steps(self, lo, hi):
-        """(position, its block's rows) for positions lo..hi, in steps within one block."""
-        step = position_chunk(self.total.shape[1])
-        while lo < hi:
-            at = lo % self.block
-            end = min(hi, lo + step, lo - at + self.block)
-            yield lo, self.outer[lo // self.block][at:at + end - lo]
-            lo = end
-
-    def sums(self, lo=0, hi=None):
-        """The sufficient statistics of an exact accumulator (of positions lo..hi), float64: count,
-        sum of x [P, k] and the upper triangle of sum x x^T [P, k(k+1)/2] (the lower one is its mirror)."""
-        hi = len(self.total) if hi is None else hi
-        shift, total = self.shift[lo:hi].astype(np.float64), self.total[lo:hi]
-        a, b = shift, total + self.n / 2 * shift
-        k = shift.shape[1]
-        outer = np.empty((hi - lo, k * (k + 1) // 2))
-        for at, block in self._steps(lo, hi):
-            p = slice(at - lo, at - lo + len(block))
-            for i, row in triangle_rows(k).items():
-                # sum x x^T = sum (x-s)(x-s)^T + s t^T + t s^T + n s s^T, with t = sum (x-s)
-                outer[p, row] = block[:, i, i:] + a[p, i, None] * b[p, i:] + b[p, i, None] * a[p, i:]
-        return {"count": self.n, "sum": total + self.n * shift, "outer": outer}
-
-    def add_sums(self, sums):
-        """Add sums() of other images (another worker's, or earlier ones) to these."""
-        count, total = int(sums["count"]), sums["sum"]
-        if self.shift is None:
-            self._allocate(*total.shape, (total / max(count, 1)).astype(np.float32))
-        a = self.shift.astype(np.float64)
-        b = total - count / 2 * a
-        self.n += count
-        self.total += total - count * a
-        for at, block in self._steps(0, len(self.total)):
-            p = slice(at, at + len(block))
-            for i, row in triangle_rows(a.shape[1]).items():
-                # about the shift: sum (x-s)(x-s)^T = sum x x^T - s T^T - T s^T + n s s^T, with T = sum x
-                block[:, i, i:] += sums["outer"][p, row] - a[p, i, None] * b[p, i:] - b[p, i, None] * a[p, i:]
-                block[:, i + 1:, i] = block[:, i, i + 1:]
+    def _add_outer(self, lo, products):
+        at = lo % self.block
+        self.outer[lo // self.block][at:at + len(products)] += products
 
     def finalize(self, epsilon=EPSILON):
         """-> mean [P, k], and the precision inv(cov + eps*I) packed by pack_precision
@@ -229,6 +185,54 @@ class GaussianAccumulator:
         return (self.shift + m).astype(np.float32), packed, scale
 
 
+class ExactSums(GaussianAccumulator):
+    """Float64 sums of x and of the upper triangle of x x^T per position, which add up across
+    workers and over time (a plain accumulator's float32 sums over all images lose digits).
+    Each update's float32 outer products of x - shift (at most ACCUMULATE_IMAGES images: ~1e-7
+    relative) are added into float64 triangles; sums() re-centres them on zero. Half the bytes of
+    k x k float64 sums, and float32 products run twice as fast as float64 ones."""
+
+    def _allocate(self, positions, k, shift):
+        self.shift = shift
+        self.total = np.zeros((positions, k), np.float64)
+        self.outer = np.zeros((positions, k * (k + 1) // 2), np.float64)
+
+    def _add_outer(self, lo, products):
+        tri = self.outer[lo:lo + len(products)]
+        for i, row in triangle_rows(products.shape[1]).items():
+            tri[:, row] += products[:, i, i:]
+
+    def sums(self, lo=0, hi=None):
+        """float64 count, sum of x [P, k] and the upper triangle of sum x x^T [P, k(k+1)/2] (the
+        lower one is its mirror), of positions lo..hi."""
+        shift, total = self.shift[lo:hi].astype(np.float64), self.total[lo:hi]
+        # sum x x^T = sum (x-s)(x-s)^T + s t^T + t s^T + n s s^T, with t = sum (x-s)
+        outer = _add_symmetric(self.outer[lo:hi].copy(), shift, total + self.n / 2 * shift)
+        return {"count": self.n, "sum": total + self.n * shift, "outer": outer}
+
+    def add_sums(self, sums):
+        """Add sums() of other images (another worker's, or earlier ones) to these."""
+        count, total = int(sums["count"]), sums["sum"]
+        if self.shift is None:
+            self._allocate(*total.shape, (total / max(count, 1)).astype(np.float32))
+        shift = self.shift.astype(np.float64)
+        # about the shift: sum (x-s)(x-s)^T = sum x x^T - s T^T - T s^T + n s s^T, with T = sum x
+        self.outer += _add_symmetric(sums["outer"].copy(), -shift, total - count / 2 * shift)
+        self.n += count
+        self.total += total - count * shift
+
+    def finalize(self, epsilon=EPSILON):
+        sums, self.outer = {"count": self.n, "sum": self.total, "outer": self.outer}, None
+        return finalize_sums(sums, epsilon, origin=self.shift)
+
+
+def _add_symmetric(tri, a, b):
+    """tri (upper triangles [P, k(k+1)/2]) += those of a b^T + b a^T, row by row (a, b [P, k])."""
+    for i, row in triangle_rows(a.shape[1]).items():
+        tri[:, row] += a[:, i, None] * b[:, i:] + b[:, i, None] * a[:, i:]
+    return tri
+
+
 def finalize_over(acc, group, keep_sums=False):
     """finalize() for the images of every worker of `group`, each with its own images' exact
     accumulator `acc`: each worker receives the summed sums of its own share of the positions
@@ -250,7 +254,7 @@ def finalize_over(acc, group, keep_sums=False):
             part = group.all_reduce_sum(acc.sums(at, min(at + step, hi))["outer"], "summing the statistics",
                                         wait=False, to=owner)
             outer += [] if part is None else [part]
-    acc.outer = None
+    acc.outer = None  # the float64 triangles of every position
     share = {"count": count, "sum": total, "outer": np.concatenate(outer)}
     model = tuple(group.gather_rows(finalize_sums(share), counts, "gathering the model"))
     if not keep_sums:
@@ -259,9 +263,9 @@ def finalize_over(acc, group, keep_sums=False):
     return model, {"count": count, "sum": total, "outer": outer}
 
 
-def finalize_sums(sums, epsilon=EPSILON):
-    """GaussianAccumulator.finalize() straight from float64 sums() (of a worker's share of the
-    positions), unpacking a few triangles at a time instead of filling k x k accumulators."""
+def finalize_sums(sums, epsilon=EPSILON, origin=0):
+    """GaussianAccumulator.finalize() from float64 sums (ExactSums.sums(), of a worker's share of
+    the positions, or about `origin`), unpacking a few triangles at a time."""
     n, m = _count_and_mean(int(sums["count"]), sums["sum"])
     k = m.shape[1]
     rows, cols = np.triu_indices(k)
@@ -277,7 +281,7 @@ def finalize_sums(sums, epsilon=EPSILON):
         packed[lo:lo + step], scale[lo:lo + step] = _packed_precision(outer, m[lo:lo + step], n, epsilon)
 
     over_positions(invert, len(m), step)
-    return m.astype(np.float32), packed, scale
+    return (origin + m).astype(np.float32), packed, scale
 
 
 def _count_and_mean(n, total):
@@ -445,7 +449,7 @@ class PaDiM:
         kind, projection = make_projection(cfg["method"], self._channels(), cfg["k"], cfg["seed"], gram)
         net.set_projection(kind, projection)
         engine = make_engine(net, shape, **engine_kwargs)
-        acc = GaussianAccumulator(exact=group is not None or keep_sums)
+        acc = ExactSums() if group is not None or keep_sums else GaussianAccumulator()
         accumulate(engine, batches(), acc, progress, tiles)
         if group is None:
             sums = acc.sums() if keep_sums else None
@@ -466,7 +470,7 @@ class PaDiM:
         the model's own network and projection) -> (new stats, new sums, engine)."""
         preprocess = Preprocess.from_config(self.config)
         engine = make_engine(self.feature_net(state), preprocess.input_shape, **engine_kwargs)
-        acc = GaussianAccumulator(exact=True)
+        acc = ExactSums()
         acc.add_sums(sums)
         accumulate(engine, batches(), acc, progress, preprocess.tiles.count if preprocess.tiles else 1)
         sums = acc.sums()
