@@ -9,8 +9,9 @@ group whose collectives return their input.
 Waiting and small exchanges go through the launch's TCP store, polled against our own deadline
 (`--dist_timeout`): gloo's collectives give up after 30 s, too short for a worker that waits
 while another still fits a large category, and a peer that hangs must not hold the others
-forever. The large float64 sums go through gloo's all_reduce, entered only once every worker
-has arrived, so its 30 s bound only has to cover the transfer.
+forever. The large float64 sums go through gloo's reduce (all_reduce), entered only once every
+worker has arrived, so its 30 s bound only has to cover the transfer and the work the workers
+then do in step.
 """
 import base64
 import contextlib
