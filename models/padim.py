@@ -188,12 +188,14 @@ class GaussianAccumulator:
 class ExactSums(GaussianAccumulator):
     """Float64 sums of x and of the upper triangle of x x^T per position, which add up across
     workers and over time (a plain accumulator's float32 sums over all images lose digits).
-    Each update's float32 outer products of x - shift (at most ACCUMULATE_IMAGES images: ~1e-7
-    relative) are added into float64 triangles; sums() re-centres them on zero. Half the bytes of
-    k x k float64 sums, and float32 products run twice as fast as float64 ones."""
+    Products are float64: float32 ones, 1.7x as fast, moved the precision by 3e-7 relative on
+    bottle R18 k=100 (two workers vs one) and 6848 of the packed model's 15.8 M int16 entries by
+    one step; with float64 the two models are identical. The products are of x minus a shift (the
+    first batch's mean), so that a large mean costs no digits, added into float64 triangles (half
+    the bytes of k x k sums); sums() re-centres them on zero."""
 
     def _allocate(self, positions, k, shift):
-        self.shift = shift
+        self.shift = shift.astype(np.float64)  # x - shift is then float64 too
         self.total = np.zeros((positions, k), np.float64)
         self.outer = np.zeros((positions, k * (k + 1) // 2), np.float64)
 
