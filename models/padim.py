@@ -17,6 +17,8 @@ matrices (R18 k=100: 31 MB instead of 125 MB, on disk too), and a compiled kerne
 float64 formula to 1.2e-4 relative at worst, 6e-6 on average (float16 storage: 6e-4).
 """
 
+import functools
+
 import numba
 import numpy as np
 import paddle
@@ -36,6 +38,7 @@ POSITION_CHUNK = 256  # positions per vectorised step (at most; see position_chu
 INVERT_BYTES = 4 << 20  # float64 matrices per inversion step (a few such temporaries per thread)
 BLOCK_BYTES = 64 << 20  # outer-product blocks: above glibc's largest mmap threshold (32 MB)
 ACCUMULATE_IMAGES = 32  # outer products over 32 images per matmul run ~2x faster than over 8...
+TRIANGLE_POSITIONS, TRIANGLE_ROWS = 64, 16  # ExactSums' product blocks: positions x rows of the triangle
 REDUCE_VALUES = 4 << 20  # float64 values of sums per reduce step (32 MB)
 ACCUMULATE_BYTES = 64 << 20  # ...but the feature buffer stays under 64 MB (WRN50 k=300: 17 images)
 
@@ -146,7 +149,7 @@ class GaussianAccumulator:
         def accumulate(lo):
             xc = x[lo:lo + step] - self.shift[lo:lo + step, None, :]
             self.total[lo:lo + step] += xc.sum(axis=1)
-            self._add_outer(lo, np.matmul(xc.transpose(0, 2, 1), xc))
+            self._add_outer(lo, xc)
 
         over_positions(accumulate, x.shape[0], step)
         self.n += b
@@ -159,9 +162,10 @@ class GaussianAccumulator:
         self.outer = [np.zeros((min(self.block, positions - lo), k, k), np.float32)
                       for lo in range(0, positions, self.block)]
 
-    def _add_outer(self, lo, products):
+    def _add_outer(self, lo, xc):
+        """Add the outer products of xc [positions from lo, B, k]."""
         at = lo % self.block
-        self.outer[lo // self.block][at:at + len(products)] += products
+        self.outer[lo // self.block][at:at + len(xc)] += np.matmul(xc.transpose(0, 2, 1), xc)
 
     def finalize(self, epsilon=EPSILON):
         """-> mean [P, k], and the precision inv(cov + eps*I) packed by pack_precision
@@ -199,10 +203,17 @@ class ExactSums(GaussianAccumulator):
         self.total = np.zeros((positions, k), np.float64)
         self.outer = np.zeros((positions, k * (k + 1) // 2), np.float64)
 
-    def _add_outer(self, lo, products):
-        tri = self.outer[lo:lo + len(products)]
-        for i, row in triangle_rows(products.shape[1]).items():
-            tri[:, row] += products[:, i, i:]
+    def _add_outer(self, lo, xc):
+        # The triangle a few rows at a time, each block of rows its own small product: half the
+        # flops of k x k products, and cache-resident (R18 k=100, 32 images: 0.145 s, not 0.24).
+        k, rows = xc.shape[2], triangle_rows(xc.shape[2])
+        for at in range(0, len(xc), TRIANGLE_POSITIONS):
+            x = np.ascontiguousarray(xc[at:at + TRIANGLE_POSITIONS])  # xc follows the feature map's layout
+            tri = self.outer[lo + at:lo + at + len(x)]
+            for i0 in range(0, k, TRIANGLE_ROWS):
+                part = np.matmul(x[:, :, i0:i0 + TRIANGLE_ROWS].transpose(0, 2, 1), x[:, :, i0:])
+                for i in range(i0, min(i0 + TRIANGLE_ROWS, k)):
+                    tri[:, rows[i]] += part[:, i - i0, i - i0:]
 
     def sums(self, lo=0, hi=None):
         """float64 count, sum of x [P, k] and the upper triangle of sum x x^T [P, k(k+1)/2] (the
@@ -302,6 +313,7 @@ def _packed_precision(outer, mean, n, epsilon):
     return pack_precision(np.linalg.inv(cov))
 
 
+@functools.lru_cache(maxsize=4)
 def triangle_rows(k):
     """{row i: its slice of a packed upper triangle (the entries i, i..k-1)}: row slices copy
     several times faster than fancy indexing with np.triu_indices."""
