@@ -9,8 +9,9 @@ group whose collectives return their input.
 Waiting and small exchanges go through the launch's TCP store, polled against our own deadline
 (`--dist_timeout`): gloo's collectives give up after 30 s, too short for a worker that waits
 while another still fits a large category, and a peer that hangs must not hold the others
-forever. The large float64 sums go through gloo's all_reduce, entered only once every worker
-has arrived, so its 30 s bound only has to cover the transfer.
+forever. The large float64 sums go through gloo's reduce (all_reduce), entered only once every
+worker has arrived, so its 30 s bound only has to cover the transfer and the work the workers
+then do in step.
 """
 import base64
 import contextlib
@@ -100,10 +101,10 @@ class Group:
         if self.size > 1:
             self._wait_all(self._key("barrier"), what)
 
-    def all_reduce_sum(self, array, what="all_reduce", dtype=np.float64, wait=True):
+    def all_reduce_sum(self, array, what="all_reduce", dtype=np.float64, wait=True, to=None):
         """Element-wise sum over the workers of an array (the same shape on each), in `dtype`.
         wait: first meet in the store (a worker may be minutes behind); False right after a
-        call that met."""
+        call that met. to: only worker `to` gets the sum (gloo's reduce), the others None."""
         array = np.ascontiguousarray(array, dtype)
         if self.size == 1:
             return array
@@ -111,15 +112,46 @@ class Group:
         import paddle.distributed as dist
         if wait:
             self.barrier(what)  # everyone is here: gloo's own 30 s timeout now only covers the transfer
-        flat = array.reshape(-1).copy()
+        flat = array.reshape(-1)
+        out = None if len(flat) <= REDUCE_CHUNK else np.empty(array.size, dtype)  # one call: its own array
         try:
             for lo in range(0, len(flat), REDUCE_CHUNK):
                 part = paddle.to_tensor(flat[lo:lo + REDUCE_CHUNK])
-                dist.all_reduce(part)
-                flat[lo:lo + REDUCE_CHUNK] = part.numpy()
+                if to is None:
+                    dist.all_reduce(part)
+                else:
+                    dist.reduce(part, dst=to)
+                if to not in (None, self.rank):
+                    continue
+                if out is None:
+                    out = part.numpy()
+                else:
+                    out[lo:lo + REDUCE_CHUNK] = part.numpy()
         except RuntimeError as err:  # gloo: a peer closed its connection or timed out
             self.fail(f"{what} failed: a peer stopped answering ({str(err).splitlines()[0][:160]})")
-        return flat.reshape(array.shape)
+        return None if out is None else out.reshape(array.shape)
+
+    def gather_rows(self, arrays, counts, what="gather"):
+        """Each worker's arrays (the same shapes but for the number of rows; worker r has counts[r]
+        rows) concatenated in rank order, on every worker: one gloo all_gather of their bytes,
+        padded to the longest share, with no store round trip (~40 ms each): for workers in step."""
+        arrays = [np.ascontiguousarray(a) for a in arrays]
+        if self.size == 1:
+            return arrays
+        import paddle
+        import paddle.distributed as dist
+        widths = [a.itemsize * int(np.prod(a.shape[1:])) for a in arrays]
+        rows = np.zeros((max(counts), sum(widths)), np.uint8)
+        rows[:counts[self.rank]] = np.concatenate([a.reshape(len(a), -1).view(np.uint8) for a in arrays], axis=1)
+        parts = []
+        try:
+            dist.all_gather(parts, paddle.to_tensor(rows))
+        except RuntimeError as err:
+            self.fail(f"{what} failed: a peer stopped answering ({str(err).splitlines()[0][:160]})")
+        every = np.concatenate([p.numpy()[:c] for p, c in zip(parts, counts)])
+        edges = np.cumsum([0] + widths)
+        return [np.ascontiguousarray(every[:, lo:hi]).view(a.dtype).reshape((len(every),) + a.shape[1:])
+                for a, lo, hi in zip(arrays, edges[:-1], edges[1:])]
 
     def average_tensor(self, tensor, what="average"):
         """Mean over the workers of a paddle tensor: gloo's all_reduce with no store barrier (a

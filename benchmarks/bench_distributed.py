@@ -5,7 +5,7 @@
 * bottle PatchCore 10% fit (features + exact coreset), and each worker's peak RSS;
 * two categories (bottle and a copy of it) with --category all, one per worker.
 
-    python benchmarks/bench_distributed.py [--images N] [--keep DIR]
+    python benchmarks/bench_distributed.py [--images N] [--keep DIR] [--only ortho|coreset|categories]
 """
 import argparse
 import json
@@ -99,6 +99,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=209, help="bottle training images (all: 209)")
     parser.add_argument("--keep", default=None, help="keep the runs' outputs in this folder")
+    parser.add_argument("--only", choices=("ortho", "coreset", "categories"), default=None,
+                        help="run only this case")
     args = parser.parse_args()
     require_shared()
     tmp = args.keep or tempfile.mkdtemp(prefix="bench_distributed_")
@@ -107,13 +109,17 @@ def main():
     print(f"bottle, {args.images} training images, 224 px, each worker --cpu_threads 1, "
           f"{os.cpu_count()} cores")
     common = ["--data_path", data, "--calib_ratio", "0"]
-    compare("OrthoAD R18 k=100 fit, one category split over the workers",
-            common + ["--category", "bottle", "--method", "ortho", "--k", "100", "--split_category"], tmp)
-    compare("PatchCore 10% fit (features + exact greedy coreset), one category split over the workers",
-            common + ["--category", "bottle", "--method", "coreset", "--coreset_ratio", "0.1", "--split_category"],
-            tmp)
-    compare("Two categories (bottle, bottle_copy) with --category all, OrthoAD R18 k=100: one per worker",
-            common + ["--category", "all", "--method", "ortho", "--k", "100"], tmp)
+    cases = {
+        "ortho": ("OrthoAD R18 k=100 fit, one category split over the workers",
+                  ["--category", "bottle", "--method", "ortho", "--k", "100", "--split_category"]),
+        "coreset": ("PatchCore 10% fit (features + exact greedy coreset), one category split over the workers",
+                    ["--category", "bottle", "--method", "coreset", "--coreset_ratio", "0.1", "--split_category"]),
+        "categories": ("Two categories (bottle, bottle_copy) with --category all, OrthoAD R18 k=100: one per worker",
+                       ["--category", "all", "--method", "ortho", "--k", "100"]),
+    }
+    for name, (title, flags) in cases.items():
+        if args.only in (None, name):
+            compare(title, common + flags, tmp)
     if not args.keep:
         shutil.rmtree(tmp)
 

@@ -16,7 +16,7 @@ import paddle
 import pytest
 
 import models.padim as padim
-from models.padim import EPSILON, GaussianAccumulator, unpack_precision
+from models.padim import EPSILON, ExactSums, unpack_precision
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--resize", "64", "--crop_size", "64", "--no_progress", "--cpu_threads", "1", "--num_workers", "1"]
@@ -76,11 +76,14 @@ def load(path):
 def gaussian(sums_file):
     """float64 mean and precision from saved sums."""
     with np.load(sums_file) as f:
-        acc = GaussianAccumulator(exact=True)
-        acc.add_sums({"count": int(f["count"]), "sum": f["sum"], "outer": f["outer"]})
-    n, mean = acc.n, acc.total / acc.n
-    outer = np.concatenate(acc.outer)
-    cov = (outer - n * mean[:, :, None] * mean[:, None, :]) / (n - 1) + np.eye(mean.shape[1]) * 0.01
+        n, total, tri = int(f["count"]), f["sum"], f["outer"]
+    k = total.shape[1]
+    rows, cols = np.triu_indices(k)
+    outer = np.zeros((len(tri), k, k))
+    outer[:, rows, cols] = tri
+    outer[:, cols, rows] = tri
+    mean = total / n
+    cov = (outer - n * mean[:, :, None] * mean[:, None, :]) / (n - 1) + np.eye(k) * 0.01
     return mean, np.linalg.inv(cov)
 
 
@@ -88,17 +91,15 @@ def assert_rel(a, b, tol=1e-6):
     assert np.abs(a - b).max() <= tol * np.abs(b).max()
 
 
-@pytest.mark.parametrize("block_bytes", [padim.BLOCK_BYTES, 1])  # one block; blocks of 16 positions
-def test_exact_sums_of_parts_add_up_to_the_sums_of_all(block_bytes, monkeypatch, tmp_path):
+def test_exact_sums_of_parts_add_up_to_the_sums_of_all(monkeypatch, tmp_path):
     """What workers and --update rely on: float64 sums of parts, added, equal those of the
-    whole, and give numpy's mean and precision within 1e-6 (a large mean, no shift)."""
-    monkeypatch.setattr(padim, "BLOCK_BYTES", block_bytes)
-    monkeypatch.setattr(padim, "POSITION_CHUNK", 16)
+    whole, and give numpy's mean and precision within 1e-6 (a large mean: the sums re-centre)."""
+    monkeypatch.setattr(padim, "POSITION_CHUNK", 16)  # updates in steps of 16 positions
     feats = (np.random.RandomState(0).randn(23, 5, 6, 8) * 0.1 + 50.0).astype(np.float32)
-    whole, merged = GaussianAccumulator(exact=True), GaussianAccumulator(exact=True)
+    whole, merged = ExactSums(), ExactSums()
     whole.update(feats)
     for lo, hi in ((0, 9), (9, 10), (10, 23)):
-        part = GaussianAccumulator(exact=True)
+        part = ExactSums()
         part.update(feats[lo:hi])
         merged.add_sums(part.sums())
     a, b = merged.sums(), whole.sums()
