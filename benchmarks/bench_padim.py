@@ -18,7 +18,8 @@ from common import DATA, ROOT, WEIGHTS, bare_backbone, load_images, require_shar
 import metrics  # noqa: E402
 from datasets import train_samples, test_samples  # noqa: E402
 from models.backbone import make_engine  # noqa: E402
-from models.padim import PaDiM, run_in_chunks  # noqa: E402
+from models.backbone import run_in_chunks  # noqa: E402
+from models.padim import PaDiM  # noqa: E402
 
 # Random WRN50-2 weights (the memory figure does not depend on their values), written by one
 # process so that the measured process holds only what fitting needs.

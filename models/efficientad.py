@@ -23,8 +23,7 @@ from tqdm import tqdm
 
 from datasets.efficientad import ae_color_jitter, list_image_tree, natural_crops, penalty_image
 from datasets.transforms import Preprocess
-from models.backbone import make_engine
-from models.padim import run_in_chunks
+from models.backbone import make_engine, run_in_chunks
 from models.pdn import (IMAGE_SIZE, MAP_BORDER, MODEL_SIZES, OUT_CHANNELS, RECEPTIVE_FIELD, DistillationTarget,
                         EfficientADNet, pdn)
 from utils import UserError, atomic_path, load_pdparams

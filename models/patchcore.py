@@ -22,9 +22,9 @@ from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
 from datasets.transforms import Preprocess
-from models.backbone import ResNetFeatures, check_backbone_input, make_engine
+from models.backbone import ResNetFeatures, check_backbone_input, make_engine, run_in_chunks
 from models.nn_index import build_index, import_faiss
-from models.padim import make_projection, run_in_chunks
+from models.padim import make_projection
 from models.parallel import over_positions
 from utils import UserError
 

@@ -8,7 +8,7 @@ import functools
 import numpy as np
 from threadpoolctl import ThreadpoolController
 
-from models.padim import run_in_chunks
+from models.backbone import run_in_chunks
 
 BLUR_SIGMA = 4.0
 BLUR_TRUNCATE = 4.0  # kernel radius in sigmas, as scipy.ndimage.gaussian_filter

@@ -15,8 +15,8 @@ import numpy as np
 import paddle
 import pytest
 
-import models.padim as padim
-from models.padim import EPSILON, ExactSums, unpack_precision
+import models.gaussian as gaussian_module
+from models.gaussian import EPSILON, ExactSums, unpack_precision
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--resize", "64", "--crop_size", "64", "--no_progress", "--cpu_threads", "1", "--num_workers", "1"]
@@ -94,7 +94,7 @@ def assert_rel(a, b, tol=1e-6):
 def test_exact_sums_of_parts_add_up_to_the_sums_of_all(monkeypatch, tmp_path):
     """What workers and --update rely on: float64 sums of parts, added, equal those of the
     whole, and give numpy's mean and precision within 1e-6 (a large mean: the sums re-centre)."""
-    monkeypatch.setattr(padim, "POSITION_CHUNK", 16)  # updates in steps of 16 positions
+    monkeypatch.setattr(gaussian_module, "POSITION_CHUNK", 16)  # updates in steps of 16 positions
     feats = (np.random.RandomState(0).randn(23, 5, 6, 8) * 0.1 + 50.0).astype(np.float32)
     whole, merged = ExactSums(), ExactSums()
     whole.update(feats)

@@ -1,16 +1,16 @@
 import numpy as np
 import pytest
 
-import models.padim as padim
-from models.padim import (EPSILON, GaussianAccumulator, PaDiMFeatureNet, make_projection, mahalanobis,
-                          pack_precision, unpack_precision)
+import models.gaussian as gaussian
+from models.gaussian import EPSILON, GaussianAccumulator, mahalanobis, pack_precision, unpack_precision
+from models.padim import PaDiMFeatureNet, make_projection
 from utils import UserError
 
 
-@pytest.mark.parametrize("block_bytes", [padim.BLOCK_BYTES, 1])  # one block; blocks of 16 positions
+@pytest.mark.parametrize("block_bytes", [gaussian.BLOCK_BYTES, 1])  # one block; blocks of 16 positions
 def test_streaming_stats_equal_numpy_cov(block_bytes, monkeypatch):
-    monkeypatch.setattr(padim, "BLOCK_BYTES", block_bytes)
-    monkeypatch.setattr(padim, "POSITION_CHUNK", 16)
+    monkeypatch.setattr(gaussian, "BLOCK_BYTES", block_bytes)
+    monkeypatch.setattr(gaussian, "POSITION_CHUNK", 16)
     rng = np.random.RandomState(0)
     feats = (rng.randn(23, 5, 6, 8) * 0.1 + 50.0).astype(np.float32)  # large mean: tests the shift
     acc = GaussianAccumulator()
