@@ -320,11 +320,14 @@ _SPLIT = None
 
 def gather_arrays(grp, arrays, what):
     """Worker 0 gets each array (None stays None) concatenated over the workers in rank order;
-    the others get None."""
-    parts = grp.gather(arrays, what)
+    the others get None. The workers meet in the store (with its timeout) to learn each other's
+    row counts; the arrays themselves (test maps: large) go through gloo, not the store, which
+    would keep every value for the rest of the launch."""
+    counts = [int(c) for c in grp.gather(len(arrays[0]), what)]
+    gathered = iter(grp.gather_rows([a for a in arrays if a is not None], counts, what))
     if grp.rank != 0:
         return None
-    return tuple(None if a[0] is None else np.concatenate(a) for a in zip(*parts))
+    return tuple(None if a is None else next(gathered) for a in arrays)
 
 
 def split_group():
