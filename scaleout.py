@@ -88,6 +88,14 @@ class Group:
             time.sleep(pause)
             pause = min(2 * pause, POLL_S[1])
 
+    @contextlib.contextmanager
+    def _gloo(self, what):
+        """A gloo collective: a peer that closed its connection or timed out ends this worker in one line."""
+        try:
+            yield
+        except RuntimeError as err:
+            self.fail(f"{what} failed: a peer stopped answering ({str(err).splitlines()[0][:160]})")
+
     def gather(self, obj, what="gather"):
         """-> [obj of worker 0, ..., obj of worker N-1] on every worker (small objects)."""
         if self.size == 1:
@@ -114,7 +122,7 @@ class Group:
             self.barrier(what)  # everyone is here: gloo's own 30 s timeout now only covers the transfer
         flat = array.reshape(-1)
         out = None if len(flat) <= REDUCE_CHUNK else np.empty(array.size, dtype)  # one call: its own array
-        try:
+        with self._gloo(what):
             for lo in range(0, len(flat), REDUCE_CHUNK):
                 part = paddle.to_tensor(flat[lo:lo + REDUCE_CHUNK])
                 if to is None:
@@ -127,8 +135,6 @@ class Group:
                     out = part.numpy()
                 else:
                     out[lo:lo + REDUCE_CHUNK] = part.numpy()
-        except RuntimeError as err:  # gloo: a peer closed its connection or timed out
-            self.fail(f"{what} failed: a peer stopped answering ({str(err).splitlines()[0][:160]})")
         return None if out is None else out.reshape(array.shape)
 
     def gather_rows(self, arrays, counts, what="gather"):
@@ -144,10 +150,8 @@ class Group:
         rows = np.zeros((max(counts), sum(widths)), np.uint8)
         rows[:counts[self.rank]] = np.concatenate([a.reshape(len(a), -1).view(np.uint8) for a in arrays], axis=1)
         parts = []
-        try:
+        with self._gloo(what):
             dist.all_gather(parts, paddle.to_tensor(rows))
-        except RuntimeError as err:
-            self.fail(f"{what} failed: a peer stopped answering ({str(err).splitlines()[0][:160]})")
         every = np.concatenate([p.numpy()[:c] for p, c in zip(parts, counts)])
         edges = np.cumsum([0] + widths)
         return [np.ascontiguousarray(every[:, lo:hi]).view(a.dtype).reshape((len(every),) + a.shape[1:])
@@ -157,10 +161,8 @@ class Group:
         """Mean over the workers of a paddle tensor: gloo's all_reduce with no store barrier (a
         store round trip costs ~40 ms), for workers in step, which gloo's 30 s bound covers."""
         import paddle.distributed as dist
-        try:
+        with self._gloo(what):
             dist.all_reduce(tensor)
-        except RuntimeError as err:
-            self.fail(f"{what} failed: a peer stopped answering ({str(err).splitlines()[0][:160]})")
         return tensor / self.size
 
     def exchange(self, array, what="exchange"):
@@ -173,10 +175,8 @@ class Group:
         import paddle
         import paddle.distributed as dist
         parts = []
-        try:
+        with self._gloo(what):
             dist.all_gather(parts, paddle.to_tensor(array))
-        except RuntimeError as err:
-            self.fail(f"{what} failed: a peer stopped answering ({str(err).splitlines()[0][:160]})")
         return np.concatenate([p.numpy() for p in parts])
 
 
