@@ -5,12 +5,18 @@ it: the pool that runs the statistics, scoring and search over chunks of positio
 Without it, two workers launched with --cpu_threads 1 on a 2-core machine each still ran their
 statistics on both cores and slowed each other down.
 """
+import importlib
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
 from threadpoolctl import ThreadpoolController, threadpool_limits
 
+# scipy's BLAS is loaded before the controller below, so that the controller holds it too.
+importlib.import_module("scipy.linalg.cython_blas")
+
+# Every BLAS and OpenMP library loaded so far, scipy's included: numba's np.dot (the grouped
+# nearest-neighbour search) calls scipy's BLAS, numpy's products call numpy's.
 _BLAS = ThreadpoolController()
 _threads = os.cpu_count() or 1
 _pool = None
@@ -26,8 +32,7 @@ def set_cpu_threads(count):
             if _pool is not None:
                 _pool.shutdown(wait=True)
             _threads, _pool = count, None
-    if count < (os.cpu_count() or 1):
-        threadpool_limits(limits=count, user_api="blas")  # stays in force (no `with`)
+    threadpool_limits(limits=count, user_api="blas")  # stays in force (no `with`); raising it back works too
 
 
 def cpu_threads():
@@ -45,3 +50,9 @@ def over_positions(fn, n_positions, chunk):
         pool = _pool
     with _BLAS.limit(limits=1):
         list(pool.map(fn, range(0, n_positions, chunk)))
+
+
+def single_threaded_blas():
+    """Context: every BLAS at one thread for the caller (the scorers parallelise over positions
+    themselves; BLAS worker threads, which spin after each product, would take the cores)."""
+    return _BLAS.limit(limits=1, user_api="blas")

@@ -6,13 +6,12 @@ Keeping this in one module is what makes predict.py and infer.py agree number fo
 import functools
 
 import numpy as np
-from threadpoolctl import ThreadpoolController
 
 from models.backbone import run_in_chunks
+from models.parallel import single_threaded_blas
 
 BLUR_SIGMA = 4.0
 BLUR_TRUNCATE = 4.0  # kernel radius in sigmas, as scipy.ndimage.gaussian_filter
-_BLAS = ThreadpoolController()
 
 
 def gaussian_kernel(sigma):
@@ -132,7 +131,7 @@ class Detector:
         # One BLAS thread per caller: the scorers parallelise over positions themselves, and
         # BLAS worker threads, which spin for a while after each product, would take the
         # cores from the next image's oneDNN forward (PatchCore's forward ran 2.7x slower).
-        with _BLAS.limit(limits=1, user_api="blas"):
+        with single_threaded_blas():
             patch_scores = self.score(outputs, self.stats)
             if self.tiles is not None:
                 return self.stitched(outputs, patch_scores)

@@ -65,7 +65,36 @@ def test_duplicate_rows_give_the_same_distances():
     queries = rows[:40] + 0.01
     dist, idx = GroupedIndex(bank, n_groups=10).search(queries, 2)
     np.testing.assert_allclose(dist, float64_knn(bank, queries, 2)[0], rtol=1e-5)
-    np.testing.assert_array_equal(idx % 100, np.repeat(np.arange(40)[:, None], 2, axis=1))
+    # Equal distances rank by bank row, as brute force's stable sort ranks them.
+    np.testing.assert_array_equal(idx, np.stack([np.arange(40), np.arange(40) + 100], axis=1))
+    np.testing.assert_array_equal(idx, BruteForceIndex(bank).search(queries, 2)[1])
+
+
+def test_answers_do_not_depend_on_the_batch_or_threads(clustered_bank):
+    """A query's neighbours are the same whether it is searched alone, in another order, in a
+    smaller batch or by another number of threads: the search splits a batch by nearest centre
+    and into per-thread blocks, and none of that may reach the answer (scores must not depend
+    on --batch_size or --cpu_threads)."""
+    from models import parallel
+    bank, queries = clustered_bank
+    index = GroupedIndex(bank)
+    want_d, want_i = index.search(queries, 9)
+    shuffled = np.random.RandomState(3).permutation(len(queries))
+    got_d, got_i = index.search(queries[shuffled], 9)
+    np.testing.assert_array_equal(got_d, want_d[shuffled])
+    np.testing.assert_array_equal(got_i, want_i[shuffled])
+    for lo in (0, 7, 300):
+        part_d, part_i = index.search(queries[lo:lo + 5], 9)
+        np.testing.assert_array_equal(part_d, want_d[lo:lo + 5])
+        np.testing.assert_array_equal(part_i, want_i[lo:lo + 5])
+    before = parallel.cpu_threads()
+    try:
+        parallel.set_cpu_threads(1)
+        one_d, one_i = index.search(queries, 9)
+    finally:
+        parallel.set_cpu_threads(before)
+    np.testing.assert_array_equal(one_d, want_d)
+    np.testing.assert_array_equal(one_i, want_i)
 
 
 def test_unknown_search_kind_is_a_user_error():
