@@ -146,7 +146,8 @@ class GroupedIndex(_Counted):
         order = np.lexsort((to_centre, owner))   # by group, then by distance to the centre
         self.order = order                      # grouped position -> bank row
         self.points = np.ascontiguousarray(z[order])
-        self.to_centre = to_centre[order]
+        # float32 for the annulus test: its rounding (~1e-7 relative) is far inside the margins.
+        self.to_centre = to_centre[order].astype(np.float32)
         self.bounds = np.searchsorted(owner[order], np.arange(n_groups + 1))
         self.radius = np.zeros(n_groups)
         np.maximum.at(self.radius, owner, to_centre)
@@ -165,7 +166,6 @@ class GroupedIndex(_Counted):
         self.points_mid = np.ascontiguousarray(coords[:, self.low:])
         self.points_sq = np.einsum("ij,ij->i", self.points, self.points, dtype=np.float64).astype(np.float32)
         self.points_low_sq = np.einsum("ij,ij->i", self.points_low, self.points_low)
-        self.to_centre32 = self.to_centre.astype(np.float32)
         self.group_sq = np.maximum.reduceat(self.points_sq, self.bounds[:-1])  # largest |p|^2 of each group
 
     def project(self, rows):
@@ -225,7 +225,7 @@ class GroupedIndex(_Counted):
             _other_groups(x_own, x, x_sq, x_low, np.einsum("ij,ij->i", x_low, x_low), x_mid, residual_low,
                           residual, x_dc, slack, self.radius, self.bounds, self.points, self.points_sq,
                           self.points_low, self.points_low_sq, self.points_mid, self.residual_low, self.residual,
-                          self.to_centre32, self.order, BOUND_SLACK, best_d2, best_i, count)
+                          self.to_centre, self.order, BOUND_SLACK, best_d2, best_i, count)
             d2[mine], idx[mine], computed[mine] = best_d2, best_i, count
         over_positions(run, n, step)
         self.count(computed[:, 0].sum() + n * len(self.centres), n)
@@ -344,7 +344,7 @@ def _other_groups(own, q, q_sq, q_low, q_low_sq, q_mid, q_res_low, q_res, dc, sl
         for c in range(m):
             x[c] = q_low[chosen[c]]
         products = np.dot(x, points_low[b0:b1].T)
-        group = to_centre[b0:b1]  # float32: its rounding is far inside `reach`'s margin
+        group = to_centre[b0:b1]
         for c in range(m):
             u = chosen[c]
             # |q - p|^2 >= |Pq - Pp|^2 + (|r_q| - |r_p|)^2 (P: the first principal axes, r: the
