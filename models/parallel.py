@@ -12,11 +12,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 from threadpoolctl import ThreadpoolController, threadpool_limits
 
-# scipy's BLAS is loaded before the controller below, so that the controller holds it too.
+# The controller holds every BLAS and OpenMP library loaded when it is made. numba's np.dot (the
+# grouped nearest-neighbour search) calls scipy's BLAS, not numpy's: load it first.
 importlib.import_module("scipy.linalg.cython_blas")
-
-# Every BLAS and OpenMP library loaded so far, scipy's included: numba's np.dot (the grouped
-# nearest-neighbour search) calls scipy's BLAS, numpy's products call numpy's.
 _BLAS = ThreadpoolController()
 _threads = os.cpu_count() or 1
 _pool = None

@@ -70,7 +70,7 @@ def test_duplicate_rows_give_the_same_distances():
     np.testing.assert_array_equal(idx, BruteForceIndex(bank).search(queries, 2)[1])
 
 
-def test_answers_do_not_depend_on_the_batch_or_threads(clustered_bank):
+def test_answers_do_not_depend_on_the_batch_or_threads(clustered_bank, monkeypatch):
     """A query's neighbours are the same whether it is searched alone, in another order, in a
     smaller batch or by another number of threads: the search splits a batch by nearest centre
     and into per-thread blocks, and none of that may reach the answer (scores must not depend
@@ -95,6 +95,10 @@ def test_answers_do_not_depend_on_the_batch_or_threads(clustered_bank):
         parallel.set_cpu_threads(before)
     np.testing.assert_array_equal(one_d, want_d)
     np.testing.assert_array_equal(one_i, want_i)
+    monkeypatch.setattr("models.nn_index.MIN_BLOCK", 16)  # many more, smaller blocks
+    small_d, small_i = index.search(queries, 9)
+    np.testing.assert_array_equal(small_d, want_d)
+    np.testing.assert_array_equal(small_i, want_i)
 
 
 def test_unknown_search_kind_is_a_user_error():
