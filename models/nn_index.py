@@ -34,7 +34,7 @@ QUERY_BLOCK = 1 << 22   # query x bank distances per matmul block (16 MB of floa
 GROUP_SIZE = 64         # bank rows per group on average (n_groups = M / GROUP_SIZE)
 LOW_DIM = 32            # principal components of the cheap per-row bound (bottle 10%: 90% of the variance)
 MID_DIM = 128           # principal components of the second bound, for rows that pass the first (98%)
-MIN_BLOCK = 384         # queries per parallel block at least (a block visits every group: batch 1 = 2 blocks)
+MIN_BLOCK = 384         # queries per parallel block at least (a block visits every group): 784 -> 2 blocks
 BOUND_SLACK = 1e-4      # relative margin on every triangle bound: float32 distances err ~1e-6
 
 
@@ -206,7 +206,8 @@ class GroupedIndex(_Counted):
         d2 = np.empty((n, k), np.float32)
         idx = np.empty((n, k), np.int64)
         computed = np.zeros((n, 2), np.int64)  # full distances, first bounds
-        step = max(MIN_BLOCK, -(-n // (2 * cpu_threads())))
+        blocks = max(1, min(2 * cpu_threads(), n // MIN_BLOCK))
+        step = -(-n // blocks) if n else 1
         largest_centre = float(self.centres_sq.max())
 
         def run(lo):
