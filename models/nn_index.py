@@ -54,7 +54,7 @@ def build_index(bank, kind="grouped"):
 
 class _Counted:
     """Distances computed / distances a brute-force search would compute, over all searches."""
-    computed = possible = bounds_computed = 0
+    computed = possible = 0
 
     def count(self, computed, n_queries):
         self.computed += int(computed)
@@ -205,7 +205,7 @@ class GroupedIndex(_Counted):
         order = np.argsort(own, kind="stable")
         d2 = np.empty((n, k), np.float32)
         idx = np.empty((n, k), np.int64)
-        computed = np.zeros((n, 2), np.int64)  # full distances, first bounds
+        computed = np.zeros(n, np.int64)  # full distances per query
         blocks = max(1, min(2 * cpu_threads(), n // MIN_BLOCK))
         step = -(-n // blocks) if n else 1
         largest_centre = float(self.centres_sq.max())
@@ -220,7 +220,7 @@ class GroupedIndex(_Counted):
             slack = np.sqrt(1e-5 * (x_sq + largest_centre))
             best_d2 = np.full((len(x), k), np.inf, np.float32)
             best_i = np.full((len(x), k), -1, np.int64)
-            count = np.zeros((len(x), 2), np.int64)
+            count = np.zeros(len(x), np.int64)
             _own_groups(x_own, x, x_sq, self.bounds, self.group_sq, self.points, self.points_sq, self.order,
                         best_d2, best_i, count)
             _other_groups(x_own, x, x_sq, x_low, np.einsum("ij,ij->i", x_low, x_low), x_mid, residual_low,
@@ -229,8 +229,7 @@ class GroupedIndex(_Counted):
                           self.to_centre, self.order, BOUND_SLACK, best_d2, best_i, count)
             d2[mine], idx[mine], computed[mine] = best_d2, best_i, count
         over_positions(run, n, step)
-        self.count(computed[:, 0].sum() + n * len(self.centres), n)
-        self.bounds_computed += int(computed[:, 1].sum())
+        self.count(computed.sum() + n * len(self.centres), n)
         return np.sqrt(np.maximum(d2, 0)), idx
 
 
@@ -302,11 +301,11 @@ def _own_groups(own, q, q_sq, bounds, group_sq, points, points_sq, bank_row, bes
             approx = q_sq[u] + points_sq[b0:b1] - two * products[u - i]
             margin = err * (q_sq[u] + group_sq[g])
             first = np.argmin(approx)  # the likely nearest first: the k-th best is then tight
-            count[u, 0] += 1
+            count[u] += 1
             _insert(best_d2[u], best_i[u], _squared_distance(q[u], points[b0 + first]), bank_row[b0 + first])
             for r in range(b1 - b0):
                 if r != first and approx[r] - margin <= best_d2[u, k - 1]:
-                    count[u, 0] += 1
+                    count[u] += 1
                     _insert(best_d2[u], best_i[u], _squared_distance(q[u], points[b0 + r]), bank_row[b0 + r])
         i = e
 
@@ -365,7 +364,6 @@ def _other_groups(own, q, q_sq, q_low, q_low_sq, q_mid, q_res_low, q_res, dc, sl
                 inside = (group[r] >= ring_lo) & (group[r] <= ring_hi)
                 low_bound[r] = bound if inside else infinity
                 lowest = min(lowest, low_bound[r])
-            count[u, 1] += b1 - b0
             limit = best_d2[u, k - 1]
             if lowest > limit:
                 continue  # no row of the group passes (the usual case)
@@ -383,7 +381,7 @@ def _other_groups(own, q, q_sq, q_low, q_low_sq, q_mid, q_res_low, q_res, dc, sl
                     gap = q_res[u] - res[j]
                     if (bound + gap * gap) * shrink > limit + margin:
                         continue
-                count[u, 0] += 1
+                count[u] += 1
                 if _insert(best_d2[u], best_i[u], _squared_distance(q[u], points[j]), bank_row[j]):
                     limit = best_d2[u, k - 1]
                     reach[u] = np.sqrt(limit) * grow
