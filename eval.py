@@ -5,9 +5,7 @@
     python eval.py --normal_dir PATH/good --abnormal_dir PATH/reject --category cap   # the model's own split
     python eval.py --compare RUN_DIR RUN_DIR [...] [--save_path OUT]
 """
-import cli
-import engine
-import evaluation
+from pipeline import cli, engine, evaluation
 import report
 from utils import run_cli, str2bool
 

@@ -5,8 +5,8 @@
 """
 import os
 
-import cli
-from deploy import export_model
+from pipeline import cli
+from deploy.export import export_model
 from utils import UserError, run_cli
 
 

@@ -12,9 +12,10 @@ import os
 
 import numpy as np
 
-import visualize
+from report import visualize
 from datasets.transforms import Preprocess, list_input_images
-from deploy import StageTimer, benchmark_report, format_report, load_deployed, now, resolve_files
+from deploy.predictor import load_deployed, resolve_files
+from deploy.timing import StageTimer, benchmark_report, format_report, now
 from utils import (UserError, add_inference_args, append_line, inference_config, run_cli, str2bool,
                    write_text_atomic)
 

@@ -7,8 +7,7 @@ Prints one JSON line per image (pred_score, pred_label, file paths) and writes t
 """
 import os
 
-import cli
-import evaluation
+from pipeline import cli, evaluation
 from datasets.transforms import list_input_images
 from utils import run_cli, str2bool
 

@@ -4,11 +4,9 @@
         --backbone_weights weights.pdparams --eval --eval_PRO [--report]
     python train.py --normal_dir PATH/good --abnormal_dir PATH/reject [--mask_dir PATH/masks] --category cap --eval
 """
-import cli
-import engine
-import training
+from pipeline import cli, engine, training
 import report
-import updating
+from pipeline import updating
 from utils import run_cli
 
 

@@ -16,13 +16,14 @@ import numpy as np
 
 from common import DATA, WEIGHTS, bare_backbone, load_images, require_shared, time_per_image
 
-import cli  # noqa: E402
-import evaluation  # noqa: E402
+from pipeline import cli  # noqa: E402
+from pipeline import evaluation  # noqa: E402
 import export_model  # noqa: E402
 import infer  # noqa: E402
 import train  # noqa: E402
 from datasets import test_samples  # noqa: E402
-from deploy import StageTimer, load_deployed, resolve_files  # noqa: E402
+from deploy.predictor import load_deployed, resolve_files  # noqa: E402
+from deploy.timing import StageTimer  # noqa: E402
 from models import build_method  # noqa: E402
 from models.backbone import make_engine  # noqa: E402
 from models.postprocess import Detector  # noqa: E402

@@ -21,9 +21,9 @@ from PIL import Image
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import DATA, WEIGHTS, require_shared  # noqa: E402
 
-import cli  # noqa: E402
-import evaluation  # noqa: E402
-import metrics  # noqa: E402
+from pipeline import cli  # noqa: E402
+from pipeline import evaluation  # noqa: E402
+from report import metrics  # noqa: E402
 import train  # noqa: E402
 from datasets.transforms import Preprocess  # noqa: E402
 

@@ -15,7 +15,7 @@ import numpy as np
 
 from common import DATA, ROOT, WEIGHTS, bare_backbone, load_images, require_shared
 
-import metrics  # noqa: E402
+from report import metrics  # noqa: E402
 from datasets import train_samples, test_samples  # noqa: E402
 from models.backbone import make_engine  # noqa: E402
 from models.backbone import run_in_chunks  # noqa: E402
@@ -53,7 +53,7 @@ def bench_fit():
     bare_s = time_all(lambda: run_in_chunks(floor, images))
     cfg = dict(method="ortho", arch="resnet18", k=100, seed=521, resize=256, crop_size=224)
     from datasets.transforms import Preprocess
-    from training import image_batches
+    from pipeline.training import image_batches
     args = argparse.Namespace(batch_size=8, resize=256, crop_size=224, num_workers=2)
     t0 = time.perf_counter()
     state, engine = PaDiM(cfg).fit(image_batches(samples, args, Preprocess.from_config(cfg)), dict(engine="inference", cpu_threads=2), WEIGHTS,

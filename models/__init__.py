@@ -21,6 +21,7 @@ import numpy as np  # noqa: E402
 from models.efficientad import EfficientAD  # noqa: E402
 from models.padim import PROJECTIONS, PaDiM  # noqa: E402
 from models.patchcore import PatchCore  # noqa: E402
+from models.version import stamp_version  # noqa: E402
 from utils import UserError, atomic_path, load_pdparams  # noqa: E402
 
 MODEL_FORMAT = "paddle-anomaly-model/1"
@@ -43,8 +44,10 @@ def check_geometry(config, max_stats_gb=None):
 
 
 def save_model(path, state):
-    """Write `<category>.pdparams` atomically (paddle.save, pickle protocol 4 for >4 GB)."""
+    """Write `<category>.pdparams` atomically (paddle.save, pickle protocol 4 for >4 GB), with its
+    version (models/version.py) stamped into `state` first."""
     import paddle
+    stamp_version(state)
     state = dict(state, format=MODEL_FORMAT)
     with atomic_path(path) as tmp:
         paddle.save(state, tmp, protocol=4)

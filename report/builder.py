@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from tqdm import tqdm
 
-from metrics import classification_report
+from report.metrics import classification_report
 from models.postprocess import normalize
 
 from .files import LABEL_NAMES, OUTCOMES, outcome_of, write_image_files

@@ -6,7 +6,7 @@ import os
 
 import numpy as np
 
-from results import RESULT_HEADER
+from report.results import RESULT_HEADER
 from utils import UserError, fmt, format_table, write_csv_atomic, write_text_atomic
 
 from .page import MASK_METRICS, NO_MASKS, esc, render_page

@@ -8,7 +8,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from sklearn.metrics import roc_curve  # noqa: E402
 
-from metrics import PRO_FPR_LIMIT  # noqa: E402
+from report.metrics import PRO_FPR_LIMIT  # noqa: E402
 from utils import fmt  # noqa: E402
 
 

@@ -13,7 +13,7 @@ import time
 import numpy as np
 
 from datasets.transforms import Preprocess
-from deploy import STATS_FILE, load_deployed, load_stats, resolve_files
+from deploy.predictor import STATS_FILE, load_deployed, load_stats, resolve_files
 from utils import UserError
 
 log = logging.getLogger("service")

@@ -121,7 +121,7 @@ def assert_batches_match_batch_1(deployed, images, tmp_path, batch_size=4):
 
     import infer
     from datasets.transforms import Preprocess
-    from deploy import load_deployed, resolve_files
+    from deploy.predictor import load_deployed, resolve_files
     records = []
     for size in (1, batch_size):
         out = str(tmp_path / f"batch{size}")

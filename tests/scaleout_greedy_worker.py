@@ -6,7 +6,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import scaleout  # noqa: E402
+from pipeline import scaleout  # noqa: E402
 from models.patchcore import greedy_k_center  # noqa: E402
 
 

@@ -5,8 +5,7 @@ import os
 import numpy as np
 import pytest
 
-import cli
-import evaluation
+from pipeline import cli, evaluation
 import export_model
 import infer
 import predict

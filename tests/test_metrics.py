@@ -3,7 +3,7 @@ import pytest
 from scipy import ndimage
 from sklearn.metrics import auc, roc_auc_score, roc_curve
 
-import metrics
+from report import metrics
 
 
 def slow_pro_curve(masks, maps):

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from results import write_category_metrics, write_results
+from report.results import write_category_metrics, write_results
 import eval as eval_script
-import metrics
+from report import metrics
 import report
 import train as train_script
 from conftest import ROOT, make_synthetic_category

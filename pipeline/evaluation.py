@@ -6,11 +6,11 @@ import time
 import numpy as np
 from tqdm import tqdm
 
-import metrics
+from report import metrics
 import report
-import scaleout
-import visualize
-from cli import engine_kwargs, method_config, model_path_for, runtime_config
+from pipeline import scaleout
+from report import visualize
+from pipeline.cli import engine_kwargs, method_config, model_path_for, runtime_config
 from datasets import iterate_batches, open_dataset
 from datasets.mvtec import has_masks
 from datasets.transforms import Preprocess

@@ -4,13 +4,13 @@ from these adders and call `parse`."""
 import argparse
 import os
 
-import scaleout
+from pipeline import scaleout
 from datasets import resolve_data_args
 from datasets.transforms import parse_image_size
 from models import build_method, check_geometry
 from models.backbone import ARCHS
 from models.parallel import set_cpu_threads
-from results import run_name
+from report.results import run_name
 from utils import UserError, str2bool
 
 # efficientad --lite: 128 px student crops, 600 steps in a 13 min time box (bottle, 2 CPU cores:

@@ -6,10 +6,7 @@ from datasets.transforms import Preprocess
 from models import build_method, check_model_matches, load_model, save_model
 from models.padim_sums import load_sums, save_sums
 from utils import UserError
-import cli
-import evaluation
-import training
-import scaleout
+from pipeline import cli, evaluation, scaleout, training
 
 
 def check_keep_sums(args):

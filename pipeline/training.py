@@ -4,12 +4,12 @@ import time
 
 import numpy as np
 
-import scaleout
-from cli import engine_kwargs, method_config, model_path_for, runtime_config
+from pipeline import scaleout
+from pipeline.cli import engine_kwargs, method_config, model_path_for, runtime_config
 from datasets import iterate_batches, open_dataset
 from datasets.transforms import Preprocess
 from datasets.verify import check_samples
-from evaluation import detector_for, evaluate_category, normal_calibration
+from pipeline.evaluation import detector_for, evaluate_category, normal_calibration
 from models import build_method, save_model
 from models.padim_sums import save_sums
 from utils import UserError, fmt, peak_rss_mb, set_seed

@@ -1,15 +1,15 @@
 """Running an entry script's work over the selected categories: one after another, or spread
 over the workers of a paddle.distributed launch; results table, metrics files and the report.
 
-The entry scripts parse flags (cli.py) and hand their per-category work (training.py,
+The entry scripts parse flags (pipeline/cli.py) and hand their per-category work (training.py,
 evaluation.py, updating.py) to `run_categories`.
 """
 import sys
 
 import report
-import scaleout
+from pipeline import scaleout
 from datasets import open_dataset
-from results import print_reports, write_category_metrics, write_results
+from report.results import print_reports, write_category_metrics, write_results
 from utils import UserError, fmt
 
 

@@ -1,0 +1,1 @@
+"""Deployment: export (export.py), loading and running an exported model (predictor.py), timing (timing.py)."""

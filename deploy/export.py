@@ -1,0 +1,53 @@
+"""Export a trained model to a static graph + one stats file.
+
+    <save_dir>/model.json | model.pdmodel   static feature network (Paddle 3 PIR | Paddle 2)
+    <save_dir>/model.pdiparams              its weights
+    <save_dir>/stats.npz                    statistics, thresholds, preprocessing and method config
+    <save_dir>/model.onnx                   with --onnx (paddle2onnx)
+"""
+import json
+import os
+
+import numpy as np
+
+from datasets.transforms import Preprocess
+from deploy.predictor import DEPLOY_FORMAT, STATS_FILE
+from models import build_method, check_model_matches, load_model
+from models.backbone import save_static
+from models.version import version_of
+from utils import UserError, atomic_path
+
+
+def export_model(model_path, save_dir, onnx=False, expect=None, opset=11):
+    state = load_model(model_path)
+    if expect:
+        check_model_matches(state, expect, model_path)
+    if not state.get("calibration"):
+        raise UserError(f"{model_path} has no calibrated thresholds; run train.py or eval.py first")
+    cfg = state["config"]
+    method = build_method(cfg)
+    os.makedirs(save_dir, exist_ok=True)
+    shape = Preprocess.from_config(cfg).input_shape
+    model_file = save_static(method.feature_net(state), os.path.join(save_dir, "model"), shape)
+    meta = {"format": DEPLOY_FORMAT, "config": cfg, "calibration": state["calibration"],
+            "category": state.get("category"), "input_shape": list(shape),
+            "stats_keys": sorted(state["stats"]), "version": version_of(state)}
+    arrays = {f"stats/{k}": np.asarray(v) for k, v in state["stats"].items()}
+    with atomic_path(os.path.join(save_dir, STATS_FILE)) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, meta=np.frombuffer(json.dumps(meta).encode(), np.uint8), **arrays)
+    files = [model_file, os.path.join(save_dir, "model.pdiparams"), os.path.join(save_dir, STATS_FILE)]
+    if onnx:
+        files.append(export_onnx(model_file, os.path.join(save_dir, "model.pdiparams"),
+                                 os.path.join(save_dir, "model.onnx"), opset))
+    return files
+
+
+def export_onnx(model_file, params_file, onnx_path, opset):
+    try:
+        import paddle2onnx
+    except ImportError:
+        raise UserError("--onnx needs paddle2onnx (pip install paddle2onnx onnxruntime)") from None
+    with atomic_path(onnx_path) as tmp:
+        paddle2onnx.export(model_file, params_file, tmp, opset_version=opset, enable_onnx_checker=True)
+    return onnx_path

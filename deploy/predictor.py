@@ -1,0 +1,100 @@
+"""Load an exported model (see deploy/export.py for its files) and run it.
+
+infer.py and the service need only the exported files: the feature network runs on Paddle
+Inference (or ONNX Runtime), the post-processing is the same module predict.py uses
+(models/postprocess.py).
+"""
+import json
+import os
+
+import numpy as np
+
+from datasets.transforms import Preprocess
+from models import build_method
+from models.backbone import InferenceEngine, model_file_for
+from models.parallel import set_cpu_threads
+from models.postprocess import Detector
+from utils import UserError
+
+STATS_FILE = "stats.npz"
+DEPLOY_FORMAT = "paddle-anomaly-deploy/1"
+
+
+def load_stats(path):
+    if not os.path.isfile(path):
+        raise UserError(f"stats file not found: {path} (written by export_model.py)")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            meta = json.loads(bytes(z["meta"]).decode())
+            stats = {k[len("stats/"):]: z[k] for k in z.files if k.startswith("stats/")}
+    except (KeyError, ValueError, OSError) as err:
+        raise UserError(f"cannot read stats file {path}: {err}") from None
+    if meta.get("format") != DEPLOY_FORMAT:
+        raise UserError(f"{path} is not a stats file written by export_model.py")
+    return meta, stats
+
+
+class OnnxEngine:
+    def __init__(self, onnx_path, cpu_threads=None):
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise UserError("--backend onnxruntime needs onnxruntime (pip install onnxruntime)") from None
+        if not os.path.isfile(onnx_path):
+            raise UserError(f"ONNX model not found: {onnx_path} (export with --onnx)")
+        opts = ort.SessionOptions()
+        if cpu_threads:
+            opts.intra_op_num_threads = cpu_threads
+        self.session = ort.InferenceSession(onnx_path, opts, providers=["CPUExecutionProvider"])
+        self.input_name = self.session.get_inputs()[0].name
+
+    def __call__(self, images):
+        return self.session.run(None, {self.input_name: np.ascontiguousarray(images, np.float32)})
+
+
+def resolve_files(model_dir=None, model_file=None, params_file=None, stats=None):
+    """--model_dir, or the reproduction-style --model_file/--params_file/--stats."""
+    if model_dir:
+        if not os.path.isdir(model_dir):
+            raise UserError(f"model dir not found: {model_dir}")
+        model_file = model_file or model_file_for(os.path.join(model_dir, "model"))
+        params_file = params_file or os.path.join(model_dir, "model.pdiparams")
+        stats = stats or os.path.join(model_dir, STATS_FILE)
+    if not (model_file and params_file and stats):
+        raise UserError("give --model_dir, or all of --model_file --params_file --stats")
+    for path, what in ((model_file, "model file"), (params_file, "params file")):
+        if not os.path.isfile(path):
+            raise UserError(f"{what} not found: {path}")
+    return model_file, params_file, stats
+
+
+def load_deployed(model_file, params_file, stats_path, backend="paddle", **config_kwargs):
+    """-> (Detector, meta). Checks that the graph's output matches the statistics."""
+    meta, stats = load_stats(stats_path)
+    set_cpu_threads(config_kwargs.get("cpu_threads"))  # scoring follows --cpu_threads too
+    cfg = meta["config"]
+    if backend == "paddle":
+        engine = InferenceEngine(model_file, params_file, **config_kwargs)
+    elif backend == "onnxruntime":
+        engine = OnnxEngine(os.path.join(os.path.dirname(model_file), "model.onnx"), config_kwargs.get("cpu_threads"))
+    else:
+        raise UserError(f"unknown --backend {backend}; choose paddle or onnxruntime")
+    method = build_method(cfg)
+    preprocess = Preprocess.from_config(cfg)
+    detector = Detector.for_method(method, engine, stats, preprocess.map_size, meta["calibration"],
+                                   tiles=preprocess.tiles)
+    if config_kwargs.get("use_gpu"):
+        detector.engine_chunk = 0  # a GPU runs a whole batch in one call: batching is what it is for
+    probe = np.zeros((1, 3, *preprocess.map_size), np.float32)  # one whole image: all its tiles when tiled
+    try:
+        outputs = detector.engine(probe)
+    except RuntimeError as err:
+        raise UserError(f"the model {model_file} does not run on the input shape {meta['input_shape']} that "
+                        f"{stats_path} records (stats exported from another model?): "
+                        f"{str(err).strip().splitlines()[-1]}") from None
+    try:
+        detector.postprocess(outputs)
+    except (ValueError, IndexError) as err:
+        raise UserError(f"stats {stats_path} do not fit the model {model_file} "
+                        f"(exported from another model?): {err}") from None
+    return detector, meta
