@@ -83,7 +83,7 @@ def main(argv=None):
         report = benchmark_report(timer, model_name=f"{cfg['method']}_{cfg['arch']}", batch_size=args.batch_size,
                                   input_shape=meta["input_shape"], data_count=len(paths), use_gpu=args.use_gpu,
                                   ir_optim=args.ir_optim, enable_mkldnn=args.enable_mkldnn,
-                                  cpu_threads=args.cpu_threads, precision=args.precision, backend=args.backend)
+                                  cpu_threads=args.cpu_threads, precision=meta["precision"], backend=args.backend)
         print(format_report(report))
         append_line(args.save_log_path or os.path.join(args.save_path, "benchmark.log"), json.dumps(report))
     return 0

@@ -30,6 +30,7 @@ def main(argv=None):
                              "--model_path (fitted with --keep_sums) instead of fitting a new one")
     args = cli.parse(parser, argv)
     updating.check_keep_sums(args)
+    training.resolve_precision(args)
     args.eval_PRO = args.eval_PRO or args.report
     args.eval = args.eval or args.eval_PRO or args.save_pic
     if args.distill:

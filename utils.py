@@ -65,11 +65,21 @@ def str2bool(value):
     raise argparse.ArgumentTypeError(f"expected a boolean, got {value!r}")
 
 
+# The feature network's precision (models/precision.py): fp32/bf16/int8/auto on CPU, fp16 with TensorRT.
+PRECISION_CHOICES = ("fp32", "bf16", "int8", "auto", "fp16")
+
+
+def add_precision_arg(parser, default=None, what="the model's own (the one it was fitted at)"):
+    parser.add_argument("--precision", default=default, choices=PRECISION_CHOICES,
+                        help=f"feature network precision (default: {what}); bf16 needs a CPU with AMX-BF16 or "
+                             f"AVX512-BF16, auto = bf16 where native else fp32; fp16/int8: GPU with TensorRT")
+
+
 def add_inference_args(parser):
     """The Paddle Inference flags of the deployment entry points (infer.py, serve.py)."""
     parser.add_argument("--use_gpu", type=str2bool, default=False)
     parser.add_argument("--use_tensorrt", type=str2bool, default=False)
-    parser.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8"])
+    add_precision_arg(parser)
     parser.add_argument("--enable_mkldnn", type=str2bool, default=True)
     parser.add_argument("--cpu_threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--ir_optim", type=str2bool, default=True)

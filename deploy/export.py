@@ -14,24 +14,29 @@ from datasets.transforms import Preprocess
 from deploy.predictor import DEPLOY_FORMAT, STATS_FILE
 from models import build_method, check_model_matches, load_model
 from models.backbone import save_static
+from models.precision import for_model
 from models.version import version_of
 from utils import UserError, atomic_path
 
 
-def export_model(model_path, save_dir, onnx=False, expect=None, opset=11):
+def export_model(model_path, save_dir, onnx=False, expect=None, opset=11, precision=None):
+    """`precision`: the one infer.py and the service run it at by default (None: the model's own;
+    the deployment machine's CPU is checked when it loads the export, not this one's)."""
     state = load_model(model_path)
     if expect:
         check_model_matches(state, expect, model_path)
     if not state.get("calibration"):
         raise UserError(f"{model_path} has no calibrated thresholds; run train.py or eval.py first")
     cfg = state["config"]
+    run_precision = for_model(precision, cfg, runs_here=False)
     method = build_method(cfg)
     os.makedirs(save_dir, exist_ok=True)
     shape = Preprocess.from_config(cfg).input_shape
     model_file = save_static(method.feature_net(state), os.path.join(save_dir, "model"), shape)
     meta = {"format": DEPLOY_FORMAT, "config": cfg, "calibration": state["calibration"],
             "category": state.get("category"), "input_shape": list(shape),
-            "stats_keys": sorted(state["stats"]), "version": version_of(state)}
+            "stats_keys": sorted(state["stats"]), "version": version_of(state),
+            "precision": run_precision}
     arrays = {f"stats/{k}": np.asarray(v) for k, v in state["stats"].items()}
     with atomic_path(os.path.join(save_dir, STATS_FILE)) as tmp:
         with open(tmp, "wb") as f:

@@ -15,6 +15,7 @@ import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 
+from models.precision import check as check_precision
 from utils import UserError, load_pdparams
 
 ARCHS = ("resnet18", "resnet50", "wide_resnet50_2")
@@ -154,6 +155,8 @@ def inference_config(model_file, params_file, use_gpu=False, enable_mkldnn=True,
             raise UserError("--use_gpu needs a GPU build of Paddle (pip install paddlepaddle-gpu); "
                             "this one is CPU-only")
         config.enable_use_gpu(gpu_mem_mb, 0)
+        if precision != "fp32" and not use_tensorrt:
+            raise UserError(f"--precision {precision} on GPU runs through TensorRT: add --use_tensorrt True")
         if use_tensorrt:
             prec = {"fp32": inference.PrecisionType.Float32, "fp16": inference.PrecisionType.Half,
                     "int8": inference.PrecisionType.Int8}[precision]
@@ -166,13 +169,23 @@ def inference_config(model_file, params_file, use_gpu=False, enable_mkldnn=True,
         config.set_cpu_math_library_num_threads(cpu_threads or os.cpu_count() or 1)
         if enable_mkldnn:
             config.enable_mkldnn()
-            if precision == "fp16":
-                raise UserError("--precision fp16 is a GPU precision; on CPU use fp32 (or int8 with a quantised model)")
+        if precision != "fp32":
+            _set_cpu_precision(config, precision, enable_mkldnn)
     config.switch_ir_optim(ir_optim)
     # No enable_memory_optim(): Paddle 3.2 then fails to create a predictor for these PIR
     # graphs (pass_result_info.h:48), with or without oneDNN.
     config.disable_glog_info()
     return config
+
+
+def _set_cpu_precision(config, precision, enable_mkldnn):
+    """bf16 runs through oneDNN's bf16 kernels; which precisions this CPU may use is decided
+    before (models/precision.py), this only configures it."""
+    if precision != "bf16":
+        check_precision(precision)  # fp16 / int8 on CPU: the one-line refusal
+    if not enable_mkldnn:
+        raise UserError("--precision bf16 runs on oneDNN's bf16 kernels: keep --enable_mkldnn True")
+    config.enable_mkldnn_bfloat16()
 
 
 class InferenceEngine:
@@ -219,6 +232,9 @@ def make_engine(net, input_shape, engine="inference", **config_kwargs):
     """Compile `net` for the chosen engine. The inference engine goes through the same
     jit.save files that export_model.py writes, so training and deployment share one graph."""
     if engine == "eager":
+        if config_kwargs.get("precision", "fp32") != "fp32":
+            raise UserError(f"--engine eager runs fp32; --precision {config_kwargs['precision']} runs on the "
+                            f"inference engine (the default)")
         return EagerEngine(net)
     if engine != "inference":
         raise UserError(f"unknown --engine {engine}; choose inference or eager")

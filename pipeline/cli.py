@@ -11,7 +11,7 @@ from models import build_method, check_geometry
 from models.backbone import ARCHS
 from models.parallel import set_cpu_threads
 from report.results import run_name
-from utils import UserError, str2bool
+from utils import UserError, add_precision_arg, str2bool
 
 # efficientad --lite: 128 px student crops, 600 steps in a 13 min time box (bottle, 2 CPU cores:
 # 1.3 s/step; teacher pass and evaluation bring the run to ~15 min)
@@ -99,6 +99,7 @@ def add_runtime_args(parser):
     parser.add_argument("--use_gpu", type=str2bool, default=False)
     parser.add_argument("--enable_mkldnn", type=str2bool, default=True, help="oneDNN on CPU")
     parser.add_argument("--cpu_threads", type=int, default=os.cpu_count() or 1)
+    add_precision_arg(parser, what="fp32 for a new fit; a fitted model's own (the one it was fitted at) otherwise")
     parser.add_argument("--no_progress", action="store_true", help="hide progress bars")
     scaleout.add_scaleout_args(parser)
 
@@ -168,8 +169,10 @@ def runtime_config(config, args):
     return dict(config, nn_search=search)
 
 
-def engine_kwargs(args):
-    kw = {"engine": args.engine}
+def engine_kwargs(args, precision="fp32"):
+    """The feature engine's settings; `precision` as resolved by models/precision.py (a new fit:
+    resolve(--precision), a fitted model: for_model(--precision, its config))."""
+    kw = {"engine": args.engine, "precision": precision}
     if args.engine == "inference":
         kw.update(use_gpu=args.use_gpu, enable_mkldnn=args.enable_mkldnn, cpu_threads=args.cpu_threads)
     else:

@@ -14,7 +14,7 @@ from pipeline.cli import engine_kwargs, method_config, model_path_for, runtime_c
 from datasets import iterate_batches, open_dataset
 from datasets.mvtec import has_masks
 from datasets.transforms import Preprocess
-from models import build_method, check_model_matches, load_model, save_model
+from models import build_method, check_model_matches, load_model, precision, save_model
 from models.backbone import make_engine
 from models.postprocess import Detector
 from utils import UserError
@@ -123,8 +123,9 @@ def load_detector(args, category):
     state = load_model(path)
     check_model_matches(state, method_config(args), path)
     method = build_method(runtime_config(state["config"], args))
+    run_at = precision.for_model(args.precision, state["config"], args.use_gpu)
     engine = make_engine(method.feature_net(state), Preprocess.from_config(state["config"]).input_shape,
-                         **engine_kwargs(args))
+                         **engine_kwargs(args, run_at))
     return state, detector_for(state, engine, method), path
 
 
@@ -141,7 +142,11 @@ def eval_category(args, category):
         return {"category": category}
     if dataset.split is not None:
         result["split"] = dataset.split
-    if args.update_thresholds:
+    own = precision.recorded(state["config"])
+    if args.update_thresholds and args.precision is not None and precision.resolve(args.precision, args.use_gpu) != own:
+        print(f"  thresholds not stored in {path}: they were found at --precision {args.precision}, "
+              f"the model scores at {own}")
+    elif args.update_thresholds:
         state["calibration"] = result["calibration"]
         save_model(path, state)
         print(f"  stored F1-optimal thresholds in {path}")

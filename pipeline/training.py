@@ -10,7 +10,7 @@ from datasets import iterate_batches, open_dataset
 from datasets.transforms import Preprocess
 from datasets.verify import check_samples
 from pipeline.evaluation import detector_for, evaluate_category, normal_calibration
-from models import build_method, save_model
+from models import build_method, precision, save_model
 from models.padim_sums import save_sums
 from utils import UserError, fmt, peak_rss_mb, set_seed
 
@@ -34,7 +34,8 @@ def split_calibration(samples, ratio, seed):
 def train_category(args, category):
     """Fit one category, calibrate, optionally evaluate; the model file is written once, at the end."""
     set_seed(args.seed)
-    cfg = method_config(args)
+    # The statistics / memory bank are fitted on the features of the precision that will score.
+    cfg = dict(method_config(args), precision=args.precision)
     method = build_method(runtime_config(cfg, args))
     dataset = open_dataset(args)
     preprocess = Preprocess.from_config(cfg)
@@ -53,7 +54,7 @@ def train_category(args, category):
         options["keep_sums"] = True
     shares = group is not None and not getattr(method, "DATA_PARALLEL", False)  # else each reads all
     mine = scaleout.share_of(fit_samples, group) if shares else fit_samples
-    state, engine = method.fit(image_batches(mine, args, preprocess), engine_kwargs(args),
+    state, engine = method.fit(image_batches(mine, args, preprocess), engine_kwargs(args, args.precision),
                                args.backbone_weights, progress=not args.no_progress, **options)
     fit_s = time.perf_counter() - t0
     sums = state.pop("sums", None)
@@ -89,6 +90,13 @@ def train_category(args, category):
     return result
 
 
+def resolve_precision(args):
+    """A new fit's --precision: None -> fp32, auto -> bf16 where native; one line where this CPU
+    lacks it. An --update adds features at the model's own precision (pipeline/updating.py)."""
+    if not args.update:
+        args.precision = precision.resolve(args.precision, args.use_gpu)
+
+
 def distill_teacher(args):
     """train.py --method efficientad --distill: write the teacher PDN (once, for every category)."""
     if args.method != "efficientad":
@@ -101,7 +109,7 @@ def distill_teacher(args):
     set_seed(args.seed)
     out = args.teacher_weights or os.path.join(args.save_path, f"teacher_{args.model_size}.pdparams")
     info = distill(out, args.model_size, args.arch, args.backbone_weights, args.distill_data, args.train_steps,
-                   args.seed, engine_kwargs(args), progress=not args.no_progress, resume=args.resume,
+                   args.seed, engine_kwargs(args, args.precision), progress=not args.no_progress, resume=args.resume,
                    checkpoint_every=args.checkpoint_every, minutes=args.train_minutes)
     print(f"teacher: {out}  ({info['steps']} steps, {info['seconds'] / 60:.1f} min, loss {fmt(info['loss'])})")
     return 0

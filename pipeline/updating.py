@@ -3,7 +3,7 @@ ones. The model's saved float64 sums (--keep_sums) plus those of the new images 
 fit on all of them would give (mean and precision within float64 rounding)."""
 from datasets import open_dataset
 from datasets.transforms import Preprocess
-from models import build_method, check_model_matches, load_model, save_model
+from models import build_method, check_model_matches, load_model, precision, save_model
 from models.padim_sums import load_sums, save_sums
 from utils import UserError
 from pipeline import cli, evaluation, scaleout, training
@@ -29,6 +29,10 @@ def update_category(args, category):
     if state["config"]["method"] == "svd_ortho":
         raise UserError(f"{path} is an svd_ortho model, whose projection is fitted to its training images: "
                         f"new images would change it; fit again on all images")
+    own = precision.recorded(state["config"])
+    if args.precision not in (None, own):
+        raise UserError(f"{path} was fitted at {own}: an update adds features at that precision, "
+                        f"not --precision {args.precision}")
     sums = load_sums(path, state)
     if getattr(args, "normal_dir", None):  # folder mode: every new good image is a training image
         if args.eval:
@@ -37,8 +41,9 @@ def update_category(args, category):
         args.normal_test_ratio = 0.0
     samples = open_dataset(args).train_samples(category)
     preprocess = Preprocess.from_config(state["config"])
+    engine_kwargs = cli.engine_kwargs(args, precision.for_model(None, state["config"], args.use_gpu))
     stats, sums, feature_engine = method.update(state, sums, training.image_batches(samples, args, preprocess),
-                                                cli.engine_kwargs(args), progress=not args.no_progress)
+                                                engine_kwargs, progress=not args.no_progress)
     state["stats"], state["train_images"] = stats, sums["count"]
     result = {"category": category}
     if args.eval:
