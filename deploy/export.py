@@ -5,6 +5,7 @@
     <save_dir>/stats.npz                    statistics, thresholds, preprocessing and method config
     <save_dir>/model.onnx                   with --onnx (paddle2onnx)
 """
+import contextlib
 import json
 import os
 
@@ -53,6 +54,36 @@ def export_onnx(model_file, params_file, onnx_path, opset):
         import paddle2onnx
     except ImportError:
         raise UserError("--onnx needs paddle2onnx (pip install paddle2onnx onnxruntime)") from None
-    with atomic_path(onnx_path) as tmp:
+    with atomic_path(onnx_path) as tmp, no_polygraphy_autoinstall():
         paddle2onnx.export(model_file, params_file, tmp, opset_version=opset, enable_onnx_checker=True)
     return onnx_path
+
+
+@contextlib.contextmanager
+def no_polygraphy_autoinstall():
+    """An export installs nothing. paddle2onnx (2.1, convert.py) sets POLYGRAPHY_AUTOINSTALL_DEPS=1
+    before its constant folding with Polygraphy, which then pip-installs whatever module it misses
+    (onnx_graphsurgeon, sympy...) or finds too old: on an air-gapped PC a failed pip call in the
+    middle of an export, elsewhere a changed environment. Polygraphy reads the switch from its
+    config module, imported here first with the switch off and held off for the call; the
+    variable is restored after. A missing module then makes paddle2onnx skip the folding (the
+    model is still valid); requirements.txt lists what the folding needs."""
+    key = "POLYGRAPHY_AUTOINSTALL_DEPS"
+    before = os.environ.get(key)
+    os.environ[key] = "0"
+    try:
+        from polygraphy import config as polygraphy_config
+    except ImportError:  # no Polygraphy: paddle2onnx skips the folding, nothing to install
+        polygraphy_config = None
+    saved = getattr(polygraphy_config, "AUTOINSTALL_DEPS", None)
+    try:
+        if polygraphy_config is not None:
+            polygraphy_config.AUTOINSTALL_DEPS = False
+        yield
+    finally:
+        if polygraphy_config is not None:
+            polygraphy_config.AUTOINSTALL_DEPS = saved
+        if before is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = before
