@@ -74,9 +74,10 @@ def load_deployed(model_file, params_file, stats_path, backend="paddle", **confi
     meta, stats = load_stats(stats_path)
     set_cpu_threads(config_kwargs.get("cpu_threads"))  # scoring follows --cpu_threads too
     cfg = meta["config"]
-    # The precision export_model.py recorded (the model's own unless exported with --precision).
-    requested = config_kwargs.get("precision") or meta.get("precision")
-    config_kwargs = dict(config_kwargs, precision=for_model(requested, cfg, config_kwargs.get("use_gpu", False)))
+    # By default the precision export_model.py recorded (the model's own unless exported with --precision).
+    chosen = for_model(config_kwargs.get("precision"), cfg, config_kwargs.get("use_gpu", False),
+                       default=meta.get("precision"))
+    config_kwargs = dict(config_kwargs, precision=chosen)
     meta["precision"] = config_kwargs["precision"]  # what it runs at
     if backend == "onnxruntime" and config_kwargs["precision"] != "fp32":
         raise UserError(f"--backend {backend} runs fp32 here; --precision {config_kwargs['precision']} runs on "

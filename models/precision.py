@@ -147,16 +147,19 @@ def recorded(config):
     return config.get("precision") or "fp32"
 
 
-def for_model(requested, config, use_gpu=False, runs_here=True):
-    """The precision to run a fitted model at: its own unless `requested` says otherwise, which is
-    said in one line (its thresholds were calibrated at its own). runs_here=False (export): the
-    choice is recorded for another machine, so this CPU's flags are not consulted."""
+def for_model(requested, config, use_gpu=False, runs_here=True, default=None):
+    """The precision to run a fitted model at: `default` (an export's recorded one) or else its
+    own, unless `requested` says otherwise, which is said in one line (its thresholds were
+    calibrated at its own). runs_here=False (export): the choice is recorded for another machine,
+    so this CPU's flags are not consulted."""
     own = recorded(config)
     if requested is None:
-        chosen = "fp32" if use_gpu else own
-        if runs_here and not use_gpu and missing(own):
-            raise UserError(f"this model was fitted at {own}, and {missing(own)}: pass --precision fp32 to run "
-                            f"it at fp32 (its thresholds were calibrated at {own})")
+        chosen = "fp32" if use_gpu else default or own
+        lacks = runs_here and not use_gpu and missing(chosen)
+        if lacks:
+            what = "this model was fitted" if chosen == own else "this export runs"
+            raise UserError(f"{what} at {chosen}, and {lacks}: pass --precision fp32 to run it at fp32 "
+                            f"(its thresholds were calibrated at {own})")
     elif requested == "auto" and not runs_here:
         chosen = own
     else:

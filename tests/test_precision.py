@@ -145,13 +145,13 @@ def test_model_records_precision_from_fit_to_deployment(monkeypatch, bf16_calls,
     calls = len(bf16_calls)
     assert eval_script.main(base) == 0
     out = capsys.readouterr()
-    assert len(bf16_calls) > calls and "note:" not in out.err and "stored F1-optimal thresholds" in out.out
+    assert len(bf16_calls) > calls and "note: running at" not in out.err and "stored F1-optimal thresholds" in out.out
     stored = load_model(os.path.join(save, "widget.pdparams"))
     calls = len(bf16_calls)
     assert eval_script.main([*base, "--precision", "fp32"]) == 0
     out = capsys.readouterr()
     assert len(bf16_calls) == calls
-    assert [line for line in out.err.splitlines() if line.startswith("note:")] == [
+    assert [line for line in out.err.splitlines() if line.startswith("note: running at")] == [
         "note: running at fp32 a model fitted at bf16: its statistics and thresholds were calibrated at bf16, "
         "so scores move slightly"]
     assert "thresholds not stored" in out.out
@@ -168,7 +168,7 @@ def test_model_records_precision_from_fit_to_deployment(monkeypatch, bf16_calls,
     assert infer.main(["--model_dir", str(tmp_path / "deployed"), "--input_file", images[0], "--save_path",
                        str(tmp_path / "infer_bf16"), "--enable_benchmark", "True"]) == 0
     out = capsys.readouterr()
-    assert len(bf16_calls) > calls and "precision: bf16" in out.out and "note:" not in out.err
+    assert len(bf16_calls) > calls and "precision: bf16" in out.out and "note: running at" not in out.err
 
     # a CPU without bf16: the model's precision is refused in one line, fp32 is said in one line
     monkeypatch.setenv("AD_CPU_FLAGS", AVX2_CPU)
