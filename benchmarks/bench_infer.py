@@ -4,7 +4,8 @@ same batch size under the same config (and, at batch 1, beside eager predict.py)
 one run; for PatchCore also the nearest-neighbour search (grouped vs brute force: share of
 distances computed, ms/img). Prints figures; asserts nothing.
 
-    python benchmarks/bench_infer.py [--methods ortho,coreset10] [--batch_size 1,8] [--threads 2] [--images 40]
+    python benchmarks/bench_infer.py [--methods ortho,coreset10] [--batch_size 1,8] [--threads 2] [--images 40] \
+        [--precision fp32,bf16]     # each precision fitted, deployed and timed in the same run, side by side
 """
 import argparse
 import json
@@ -14,7 +15,8 @@ import time
 
 import numpy as np
 
-from common import DATA, WEIGHTS, bare_backbone, load_images, require_shared, time_per_image
+from common import (DATA, WEIGHTS, bare_backbone, load_images, precisions_to_run, print_cpu_header, require_shared,
+                    time_per_image)
 
 from pipeline import cli  # noqa: E402
 from pipeline import evaluation  # noqa: E402
@@ -27,6 +29,7 @@ from deploy.timing import StageTimer  # noqa: E402
 from models import build_method  # noqa: E402
 from models.backbone import make_engine  # noqa: E402
 from models.postprocess import Detector  # noqa: E402
+from utils import format_table  # noqa: E402
 
 METHOD_FLAGS = {
     "ortho": ["--method", "ortho", "--k", "100"],
@@ -100,7 +103,7 @@ def batch_figures(name, deployed, paths, images, floor, batch, threads, log):
         single_median = float(np.median(single_times[warm:]))
         print(f"{tag} the bare forward image by image in the same loop: {single_median:.1f} ms/img "
               f"(infer.py runs the network so): infer.py {total_median / single_median:.2f}x that")
-    return detector, meta, total
+    return detector, meta, total, bare_ms
 
 
 def search_figures(name, detector, meta, images, batch):
@@ -124,44 +127,86 @@ def search_figures(name, detector, meta, images, batch):
     print(f"[{name} b{batch}] grouped search: {timings['brute'] / timings['grouped']:.1f}x faster than brute force")
 
 
+def method_figures(name, precision, tmp, args, paths, images, samples, floor, batches):
+    """Fit (at `precision`), export, and the figures of one method at each batch size ->
+    {batch: (infer.py ms/img, bare forward ms/img)}."""
+    flags = method_flags(name, tmp, args.threads)
+    run = os.path.join(tmp, f"{name}_{precision}")
+    tag = name if precision == "fp32" else f"{name} {precision}"
+    train.main(["--data_path", DATA, "--category", "bottle", *flags, "--backbone_weights", WEIGHTS, "--save_path", run,
+                "--no_progress", "--cpu_threads", str(args.threads), "--precision", precision])
+    deployed = os.path.join(run, "inference")
+    export_model.main([*flags, "--model_path", os.path.join(run, "bottle.pdparams"), "--save_dir", deployed])
+    figures = {}
+    for batch in batches:
+        detector, meta, total, bare = batch_figures(tag, deployed, paths, images, floor, batch, args.threads,
+                                                    os.path.join(run, f"bench{batch}.log"))
+        figures[batch] = total, bare
+        if meta["config"]["method"] == "coreset":
+            search_figures(tag, detector, meta, images, batch)
+        if batch == 1 and precision == "fp32":  # eager mode runs fp32 only
+            eager_args = cli.parse(cli.parser_with(cli.add_model_args, cli.add_runtime_args),
+                                   [*flags, "--model_path", run, "--engine", "eager"])
+            _, eager, _ = evaluation.load_detector(eager_args, "bottle")
+            # Eager scoring on tensors at the model's own input size (EfficientAD: 256).
+            model_images = load_images(samples[:10], eager_args.resize, eager_args.crop_size)
+            eager_ms = 1000 * time_per_image(eager.raw, model_images)
+            print(f"[{tag}] eager predict (network + post-processing, no image loading): {eager_ms:.1f} "
+                  f"ms/img = {eager_ms / total:.1f}x infer.py;  anomalib here: PaDiM 58 ms/img, "
+                  f"PatchCore 138 ms/img")
+    with open(os.path.join(run, f"bench{batches[-1]}.log")) as f:
+        print(f"[{tag}] cpu_rss {json.loads(f.read().splitlines()[-1])['cpu_rss_mb']} MB")
+    return figures
+
+
+def print_precision_table(results, precisions, batches):
+    """Side by side: per method and batch size, each precision's bare network and whole infer.py
+    per image, and each one's speed-up over fp32 (the issue's targets on AMX-BF16: the network
+    >= 2.5x and infer.py >= 2x at batch 8)."""
+    header = ["method", "batch"] + [f"{p} {what}" for p in precisions for what in ("network ms", "infer.py ms")]
+    header += [f"{p} speed-up (network / infer.py)" for p in precisions if p != "fp32"]
+    rows = []
+    for name in results[precisions[0]]:
+        for batch in batches:
+            row = [name, batch]
+            for p in precisions:
+                total, bare = results[p][name][batch]
+                row += [f"{bare:.1f}", f"{total:.1f}"]
+            base_total, base_bare = results[precisions[0]][name][batch]
+            row += [f"{base_bare / results[p][name][batch][1]:.2f}x / {base_total / results[p][name][batch][0]:.2f}x"
+                    for p in precisions if p != "fp32"]
+            rows.append(row)
+    print("\n" + format_table(header, rows))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--methods", default="ortho,coreset10", help=f"comma list of {', '.join(METHOD_FLAGS)}")
     parser.add_argument("--batch_size", default="1,8", help="comma list of batch sizes")
+    parser.add_argument("--precision", default="fp32",
+                        help="comma list of fp32, bf16, int8: each one this CPU runs natively is fitted, deployed "
+                             "and timed (the others are skipped with a line saying what the CPU lacks)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--images", type=int, default=40, help="bottle test images timed")
     args = parser.parse_args()
     require_shared()
+    print_cpu_header()
+    precisions = precisions_to_run(args.precision)
+    if not precisions:
+        return
     batches = [int(b) for b in args.batch_size.split(",")]
     samples = test_samples(DATA, "bottle")[: args.images]
     paths = [s.image_path for s in samples]
     images = load_images(samples)
-    floor = make_engine(bare_backbone(), (3, 224, 224), cpu_threads=args.threads, enable_mkldnn=True)
+    floors = {p: make_engine(bare_backbone(), (3, 224, 224), cpu_threads=args.threads, enable_mkldnn=True, precision=p)
+              for p in precisions}
+    results = {p: {} for p in precisions}
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.methods.split(","):
-            flags = method_flags(name, tmp, args.threads)
-            run = os.path.join(tmp, name)
-            train.main(["--data_path", DATA, "--category", "bottle", *flags, "--backbone_weights", WEIGHTS,
-                        "--save_path", run, "--no_progress", "--cpu_threads", str(args.threads)])
-            deployed = os.path.join(run, "inference")
-            export_model.main([*flags, "--model_path", os.path.join(run, "bottle.pdparams"), "--save_dir", deployed])
-            for batch in batches:
-                detector, meta, total = batch_figures(name, deployed, paths, images, floor, batch, args.threads,
-                                                      os.path.join(run, f"bench{batch}.log"))
-                if meta["config"]["method"] == "coreset":
-                    search_figures(name, detector, meta, images, batch)
-                if batch == 1:
-                    eager_args = cli.parse(cli.parser_with(cli.add_model_args, cli.add_runtime_args),
-                                              [*flags, "--model_path", run, "--engine", "eager"])
-                    _, eager, _ = evaluation.load_detector(eager_args, "bottle")
-                    # Eager scoring on tensors at the model's own input size (EfficientAD: 256).
-                    model_images = load_images(samples[:10], eager_args.resize, eager_args.crop_size)
-                    eager_ms = 1000 * time_per_image(eager.raw, model_images)
-                    print(f"[{name}] eager predict (network + post-processing, no image loading): {eager_ms:.1f} "
-                          f"ms/img = {eager_ms / total:.1f}x infer.py;  anomalib here: PaDiM 58 ms/img, "
-                          f"PatchCore 138 ms/img")
-            with open(os.path.join(run, f"bench{batches[-1]}.log")) as f:
-                print(f"[{name}] cpu_rss {json.loads(f.read().splitlines()[-1])['cpu_rss_mb']} MB")
+            for p in precisions:  # the precisions of one method back to back: one machine state
+                results[p][name] = method_figures(name, p, tmp, args, paths, images, samples, floors[p], batches)
+    if len(precisions) > 1:
+        print_precision_table(results, precisions, batches)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,26 @@ DATA = os.path.join(SHARED, "data", "mvtec_lite")
 from utils import UserError  # noqa: E402
 
 
+def print_cpu_header():
+    """Every benchmark's first line: the CPU and the flags that decide its precisions, so figures
+    from different machines can be read side by side."""
+    from models.precision import header_line
+    print(header_line(), flush=True)
+
+
+def precisions_to_run(text):
+    """--precision fp32,bf16,... -> those this CPU runs natively; each other one is skipped with
+    a printed line saying what the CPU lacks."""
+    from models.precision import check
+    chosen = []
+    for name in [p.strip() for p in text.split(",") if p.strip()]:
+        try:
+            chosen.append(check(name))
+        except UserError as err:
+            print(f"skipped --precision {name}: {err}", flush=True)
+    return chosen
+
+
 def require_shared():
     for path in (WEIGHTS, os.path.join(DATA, "bottle")):
         if not os.path.exists(path):
