@@ -93,6 +93,26 @@ def test_refusals_are_one_line(value, message, monkeypatch, synthetic_root, r18_
     assert not save.exists()
 
 
+def test_which_precision_a_fitted_model_runs_at(monkeypatch, capsys):
+    monkeypatch.setenv("AD_CPU_FLAGS", AVX2_CPU)
+    assert precision.for_model(None, {}) == "fp32"  # models from before precisions existed
+    # export records a choice for another machine: this CPU's flags are not consulted
+    assert precision.for_model(None, {"precision": "bf16"}, runs_here=False) == "bf16"
+    assert capsys.readouterr().err == ""
+    assert precision.for_model("bf16", {"precision": "fp32"}, runs_here=False) == "bf16"
+    assert "note: running at bf16 a model fitted at fp32" in capsys.readouterr().err
+    with pytest.raises(UserError, match="this export runs at bf16, and this CPU lacks"):
+        precision.for_model(None, {"precision": "fp32"}, default="bf16")
+    # a GPU runs fp32 (or TensorRT's fp16/int8), never oneDNN's bf16
+    assert precision.for_model(None, {"precision": "bf16"}, use_gpu=True) == "fp32"
+    assert "note: running at fp32 a model fitted at bf16" in capsys.readouterr().err
+    assert precision.for_model("fp16", {"precision": "fp32"}, use_gpu=True) == "fp16"
+    with pytest.raises(UserError, match="--precision bf16 is a CPU precision here"):
+        precision.check("bf16", use_gpu=True)
+    with pytest.raises(UserError, match="int8 is not offered"):
+        precision.for_model("int8", {"precision": "fp32"}, runs_here=False)
+
+
 def test_eager_engine_refuses_bf16(monkeypatch):
     from models.backbone import make_engine
     monkeypatch.setenv("AD_CPU_FLAGS", BF16_CPU)
