@@ -79,7 +79,7 @@ def time_all(fn):
 
 def bench_pro(state, engine):
     from models.postprocess import Detector
-    detector = Detector.for_method(PaDiM, engine, state["stats"], 224)
+    detector = Detector.for_method(PaDiM, engine, state["stats"], (224, 224))
     samples = test_samples(DATA, "bottle")
     from datasets import iterate_batches
     from datasets.transforms import Preprocess
