@@ -31,8 +31,9 @@ NATIVE_FLAGS = {"bf16": ("amx_bf16", "avx512_bf16"), "int8": ("amx_int8", "avx51
 HEADER_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_tile", "amx_bf16",
                 "amx_int8")
 # Measured in this project on Paddle 3.2.2 (docs/precision.md): its post-training quantisation
-# loads only old-IR programs, and the old-IR route, though it runs, moved the OrthoAD features by
-# 11% (mean relative) with no accuracy check behind it. A hand-written quantiser is out of scope.
+# loads only old-IR programs. The old-IR route runs (OrthoAD on bottle held its metrics in one
+# experiment) but would carry a second, deprecated graph format through fit, model, export and
+# deployment; it is left to a follow-up. A hand-written quantiser is out of scope.
 INT8_NOT_OFFERED = ("int8 is not offered: Paddle 3.2.2's post-training quantisation "
                     "(paddle.static.quantization.PostTrainingQuantization) cannot load the PIR (.json) feature "
                     "graphs this project writes (AssertionError: assert isinstance(program, Program)); "
