@@ -5,6 +5,8 @@
 
 Prints a JSON line per image (pred_score, pred_label, output files), writes the anomaly map,
 predicted mask (and overlay with --save_pic), and with --enable_benchmark an AutoLog-style report.
+A file that cannot be read is named on one line and skipped; the others are scored, and the exit
+code is then 3 (datasets/unreadable.py).
 """
 import argparse
 import json
@@ -14,6 +16,7 @@ import numpy as np
 
 from report import visualize
 from datasets.transforms import Preprocess, list_input_images
+from datasets.unreadable import UnreadableImages
 from deploy.predictor import load_deployed, resolve_files
 from deploy.timing import StageTimer, benchmark_report, format_report, now
 from utils import (UserError, add_inference_args, append_line, inference_config, run_cli, str2bool,
@@ -40,11 +43,16 @@ def build_parser():
     return p
 
 
-def predict_batch(detector, cfg, paths, timer):
-    """Image files -> ([(chw, rgb)], uniform predictions); the three stages' wall times go to `timer`."""
+def predict_batch(detector, cfg, paths, timer, unreadable):
+    """Image files -> (the readable ones, their [(chw, rgb)], uniform predictions); the others go
+    to `unreadable`; the three stages' wall times go to `timer`."""
     t0 = now()
     preprocess = Preprocess.from_config(cfg)
-    loaded = [preprocess.load(p) for p in paths]
+    loaded = [(p, unreadable.load(preprocess, p)) for p in paths]
+    paths = [p for p, image in loaded if image is not None]
+    loaded = [image for _, image in loaded if image is not None]
+    if not loaded:
+        return [], [], []
     images = np.stack([chw for chw, _ in loaded])
     t1 = now()
     outputs = detector.features(images)
@@ -54,7 +62,7 @@ def predict_batch(detector, cfg, paths, timer):
     t3 = now()
     for stage, seconds in (("preprocess", t1 - t0), ("inference", t2 - t1), ("postprocess", t3 - t2)):
         timer.add(stage, seconds, len(paths))
-    return loaded, preds
+    return paths, loaded, preds
 
 
 def main(argv=None):
@@ -71,9 +79,9 @@ def main(argv=None):
     stems = visualize.output_stems(paths)
     timer = StageTimer(warmup=args.warmup)
     records = []
+    unreadable = UnreadableImages()
     for lo in range(0, len(paths), args.batch_size):
-        batch = paths[lo:lo + args.batch_size]
-        loaded, preds = predict_batch(detector, cfg, batch, timer)
+        batch, loaded, preds = predict_batch(detector, cfg, paths[lo:lo + args.batch_size], timer, unreadable)
         for path, (_, rgb), pred in zip(batch, loaded, preds):
             records.append(visualize.write_prediction(args.save_path, path, stems[path], rgb, pred,
                                                       args.save_pic, args.overwrite))
@@ -86,7 +94,7 @@ def main(argv=None):
                                   cpu_threads=args.cpu_threads, precision=args.precision, backend=args.backend)
         print(format_report(report))
         append_line(args.save_log_path or os.path.join(args.save_path, "benchmark.log"), json.dumps(report))
-    return 0
+    return unreadable.exit_code(len(paths))
 
 
 if __name__ == "__main__":

@@ -4,11 +4,13 @@
 
 Prints one JSON line per image (pred_score, pred_label, file paths) and writes the anomaly map
 (.npy, calibrated: the threshold is 0.5), the predicted mask (.png) and, with --save_pic, an overlay.
+A file that cannot be read is named on one line and skipped; the exit code is then 3.
 """
 import os
 
 from pipeline import cli, evaluation
 from datasets.transforms import list_input_images
+from datasets.unreadable import UnreadableImages
 from utils import run_cli, str2bool
 
 
@@ -23,8 +25,9 @@ def main(argv=None):
     paths = list_input_images(args.inputs)
     if args.output_dir is None:
         args.output_dir = os.path.join(args.save_path, "predictions", args.category or "")
-    evaluation.predict_images(args, paths)
-    return 0
+    unreadable = UnreadableImages()
+    evaluation.predict_images(args, paths, unreadable)
+    return unreadable.exit_code(len(paths))
 
 
 if __name__ == "__main__":

@@ -31,6 +31,14 @@ def build_parser():
                    help="how long a batch waits for more requests after its first arrived")
     p.add_argument("--max_queue", type=int, default=64, help="requests per model waiting at most; more get 503")
     p.add_argument("--max_image_mb", type=float, default=20.0, help="largest request body")
+    p.add_argument("--body_timeout_s", type=float, default=10.0,
+                   help="a body not all arrived this long after its headers is answered 408 (slow clients)")
+    p.add_argument("--max_body_buffer_mb", type=float, default=256.0,
+                   help="request bodies held at once, all requests together; over it, 503")
+    p.add_argument("--max_connections", type=int, default=256,
+                   help="open connections at most; a request over it is answered 503 at once")
+    p.add_argument("--keep_alive_s", type=float, default=5.0,
+                   help="a connection without a request's headers for this long (idle or slow) is closed")
     p.add_argument("--max_megapixels", type=float, default=40.0, help="largest decoded image (decompression bombs)")
     p.add_argument("--decode_threads", type=int, default=2, help="threads decoding and preprocessing images")
     add_inference_args(p)  # --cpu_threads: per model
@@ -43,12 +51,16 @@ def build_parser():
 def check_args(args):
     if args.api_key is None:
         args.api_key = os.environ.get("AD_API_KEY")
-    for name in ("max_batch", "max_queue", "decode_threads", "cpu_threads"):
+    for name in ("max_batch", "max_queue", "decode_threads", "cpu_threads", "max_connections"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be at least 1")
-    for name in ("max_wait_ms", "max_image_mb", "max_megapixels"):
+    for name in ("max_wait_ms", "max_image_mb", "max_megapixels", "body_timeout_s", "max_body_buffer_mb",
+                 "keep_alive_s"):
         if getattr(args, name) < 0 or (name != "max_wait_ms" and getattr(args, name) == 0):
             raise UserError(f"--{name} must be positive")
+    if args.max_body_buffer_mb < args.max_image_mb:
+        raise UserError(f"--max_body_buffer_mb {args.max_body_buffer_mb:g} must hold at least one body of "
+                        f"--max_image_mb {args.max_image_mb:g}")
     if args.host not in LOCAL_HOSTS and not (args.api_key or args.no_auth):
         raise UserError(f"--host {args.host} serves other machines: give --api_key KEY (or $AD_API_KEY), "
                         f"or --no_auth to serve them without one")

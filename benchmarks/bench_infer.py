@@ -22,6 +22,7 @@ import export_model  # noqa: E402
 import infer  # noqa: E402
 import train  # noqa: E402
 from datasets import test_samples  # noqa: E402
+from datasets.unreadable import UnreadableImages  # noqa: E402
 from deploy.predictor import load_deployed, resolve_files  # noqa: E402
 from deploy.timing import StageTimer  # noqa: E402
 from models import build_method  # noqa: E402
@@ -80,7 +81,7 @@ def batch_figures(name, deployed, paths, images, floor, batch, threads, log):
     warm = 2 if batch == 1 else 1
     timer, bare_times, single_times = StageTimer(warmup=warm), [], []
     for lo in range(0, len(paths) - batch + 1, batch):
-        infer.predict_batch(detector, meta["config"], paths[lo:lo + batch], timer)
+        infer.predict_batch(detector, meta["config"], paths[lo:lo + batch], timer, UnreadableImages())
         t0 = time.perf_counter()
         floor(images[lo:lo + batch])
         t1 = time.perf_counter()

@@ -152,8 +152,9 @@ def eval_category(args, category):
 
 
 # ---------------------------------------------------------------- prediction
-def predict_images(args, paths):
-    """Calibrated prediction per image; writes map (.npy), mask (.png) and overlay figure."""
+def predict_images(args, paths, unreadable):
+    """Calibrated prediction per image; writes map (.npy), mask (.png) and overlay figure. Files
+    that cannot be read are named and skipped (`unreadable`: datasets.unreadable.UnreadableImages)."""
     if args.category is None:
         raise UserError("--category is required (it selects <model_path>/<category>.pdparams)")
     state, detector, model_path = load_detector(args, args.category)
@@ -163,7 +164,10 @@ def predict_images(args, paths):
     records = []
     stems = visualize.output_stems(paths)
     for path in tqdm(paths, desc="predict", unit="img", disable=args.no_progress or len(paths) < 2, leave=False):
-        chw, rgb = preprocess.load(path)
+        loaded = unreadable.load(preprocess, path)
+        if loaded is None:
+            continue
+        chw, rgb = loaded
         pred = detector.predict(chw[None])[0]
         records.append(visualize.write_prediction(args.output_dir, path, stems[path], rgb, pred, args.save_pic, args.overwrite))
     return records

@@ -7,6 +7,7 @@ from PIL import Image
 from threadpoolctl import threadpool_limits
 
 from service.app import Limits, create_app
+from service.connections import HeadersDeadlineProtocol
 from service.metrics import ServiceMetrics
 from service.workers import ModelWorker, find_model_dirs
 from utils import UserError, inference_config
@@ -21,6 +22,15 @@ def log_to_stderr():
     service_log.addHandler(handler)
     service_log.setLevel(logging.INFO)
     service_log.propagate = False
+
+
+def connection_limits(args):
+    """uvicorn settings that bound connections: over --max_connections open ones (or requests in
+    flight) a request is answered 503 at once; a connection waits --keep_alive_s at most for its
+    next request's headers (service/connections.py)."""
+    # uvicorn counts the connection of the request it checks: +1 lets --max_connections be served.
+    return {"limit_concurrency": args.max_connections + 1, "timeout_keep_alive": args.keep_alive_s,
+            "http": HeadersDeadlineProtocol}
 
 
 def run_service(args):
@@ -44,10 +54,13 @@ def run_service(args):
         failures.append(message)
         server.should_exit = True
 
+    limits = Limits(int(args.max_image_mb * 2**20), max_pixels, body_timeout_s=args.body_timeout_s,
+                    max_body_buffer_bytes=int(args.max_body_buffer_mb * 2**20))
     app = create_app(workers, api_key=args.api_key, decode_threads=args.decode_threads, metrics=metrics,
-                     limits=Limits(int(args.max_image_mb * 2**20), max_pixels), on_load_failure=load_failed)
+                     limits=limits, on_load_failure=load_failed)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, access_log=args.access_log,
-                                           timeout_graceful_shutdown=args.graceful_timeout, log_level="info"))
+                                           timeout_graceful_shutdown=args.graceful_timeout, log_level="info",
+                                           **connection_limits(args)))
     # uvicorn re-raises the signal that stopped it once it has shut down gracefully; a no-op
     # handler underneath turns that into a normal exit 0 (what a process manager expects).
     for sig in (signal.SIGTERM, signal.SIGINT):

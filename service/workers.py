@@ -73,8 +73,8 @@ class ModelWorker:
                 "calibration": cal}
 
     def admit(self):
-        """Count a request in (from its arrival until its answer), or raise Overloaded. The
-        count bounds the bodies and images held for this model, not only the queue proper."""
+        """Count a request in (from its decoded image until its answer), or raise Overloaded.
+        The count bounds the images held for this model, not only the queue proper."""
         with self._lock:
             if self._admitted >= self.max_queue:
                 raise Overloaded(f"{self.category}: {self._admitted} requests waiting (--max_queue {self.max_queue})")
