@@ -2,11 +2,13 @@
 
     python serve.py --model_dir inference --port 8866
     curl --data-binary @IMAGE.png http://127.0.0.1:8866/predict/bottle
+    curl -F image=@IMAGE.png http://127.0.0.1:8866/predict/bottle      # multipart/form-data
 
 POST /predict/{category}[?map=true], GET /health, /models, /metrics (Prometheus), / (a page to
 drop an image on). Binds 127.0.0.1 unless told otherwise; another --host needs --api_key (or
 $AD_API_KEY) or an explicit --no_auth. SIGTERM or Ctrl-C: stop accepting, answer what is in
-flight, exit 0.
+flight, exit 0. What a request may cost (body size and time, connections, memory) is bounded:
+docs/serving_limits.md.
 """
 import argparse
 import os

@@ -119,7 +119,9 @@ def decode_rgb(data, name="image", max_pixels=None):
     img = _open(data, name)
     if img.mode in ("I;16", "I;16B", "I"):
         arr = np.asarray(img, dtype=np.float64)
-        arr = (arr / max(arr.max(), 1.0) * 255.0).astype(np.uint8)
+        arr /= max(arr.max(), 1.0)  # in place: the same values, one float64 copy instead of three
+        arr *= 255.0
+        arr = arr.astype(np.uint8)
         img = Image.fromarray(arr)
     if img.mode == "RGBA" or img.mode == "LA" or (img.mode == "P" and "transparency" in img.info):
         img = img.convert("RGBA")

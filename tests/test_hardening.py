@@ -70,11 +70,6 @@ def answer_and_close(sock):
     return int(head.split()[1]), json.loads(body)
 
 
-def peak_rss_mb(server):
-    with open(f"/proc/{server.proc.pid}/status") as f:
-        return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM:"))
-
-
 def test_slow_uploads_hold_no_queue_slot_and_get_408(server, exported):
     good = read(exported[1][0])
     want = requests.post(predict_url(server), data=good, timeout=60).json()["raw_score"]
@@ -162,13 +157,13 @@ def test_form_parts_by_offset():
 def test_extreme_aspect_images_cost_nothing(server, corpus):
     """12000x1 and 1x60000 are refused from their header (size floor); before, 12000x1 was
     resized to 3,072,000x256 (9.3 s, +3.2 GB). Bounds are generous: a loaded machine."""
-    rss0 = peak_rss_mb(server)
+    rss0 = server.rss_mb("VmHWM")
     for name in ("12000x1.png", "1x60000.png", "60000x1.png"):
         t0 = time.monotonic()
         res = requests.post(predict_url(server), data=corpus[name], timeout=60)
         assert res.status_code == 400 and "16-pixel floor" in res.json()["error"]
         assert time.monotonic() - t0 < 1.0
-    assert peak_rss_mb(server) - rss0 < 50
+    assert server.rss_mb("VmHWM") - rss0 < 50
 
 
 def test_centre_crop_cost_follows_the_output():
