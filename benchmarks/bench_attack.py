@@ -27,11 +27,9 @@ import numpy as np
 import requests
 from PIL import Image
 
-from bench_serve import training_data
-from common import ROOT, WEIGHTS, require_shared
+from bench_serve import train_and_export
+from common import ROOT, require_shared
 
-import export_model  # noqa: E402
-import train  # noqa: E402
 from datasets import test_samples, transforms  # noqa: E402
 from service.launch import ServiceProcess  # noqa: E402
 from utils import UserError, format_table  # noqa: E402
@@ -170,12 +168,7 @@ def main():
     flags = ["--method", "ortho", "--arch", "resnet18", "--k", "100"]
     decode_threads = 2
     with tempfile.TemporaryDirectory() as tmp:
-        data = training_data(tmp, args.train_images)
-        run = os.path.join(tmp, "run")
-        train.main(["--data_path", data, "--category", "bottle", *flags, "--backbone_weights", WEIGHTS,
-                    "--save_path", run, "--no_progress", "--cpu_threads", str(args.threads)])
-        model_dir = os.path.join(tmp, "inference", "bottle")
-        export_model.main([*flags, "--model_path", os.path.join(run, "bottle.pdparams"), "--save_dir", model_dir])
+        data, model_dir = train_and_export(tmp, flags, args.train_images, args.threads)
         paths = [s.image_path for s in test_samples(data, "bottle")]
         bodies = [open(path, "rb").read() for path in paths[:20]]
         srv = ServiceProcess(model_dir, os.path.join(tmp, "serve.log"), "--cpu_threads", str(args.threads),

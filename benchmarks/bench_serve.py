@@ -46,6 +46,18 @@ def training_data(tmp, n_images):
     return root
 
 
+def train_and_export(tmp, flags, train_images, threads):
+    """A bottle model (`flags`) trained on training_data(tmp, train_images) and exported under
+    `tmp`: -> (data root, export folder)."""
+    data = training_data(tmp, train_images)
+    run = os.path.join(tmp, "run")
+    train.main(["--data_path", data, "--category", "bottle", *flags, "--backbone_weights", WEIGHTS,
+                "--save_path", run, "--no_progress", "--cpu_threads", str(threads)])
+    model_dir = os.path.join(tmp, "inference", "bottle")
+    export_model.main([*flags, "--model_path", os.path.join(run, "bottle.pdparams"), "--save_dir", model_dir])
+    return data, model_dir
+
+
 def load_test(url, bodies, n_requests, clients, max_seconds, on_count):
     """`clients` threads post bodies in turn until `n_requests` are answered or time runs out;
     -> (latencies in s of the 200s, error count, wall seconds, timed out)."""
@@ -156,12 +168,7 @@ def main():
     flags = ["--method", "ortho", "--arch", "resnet18", "--k", str(args.k), "--resize", str(args.resize),
              "--crop_size", str(args.crop_size)]
     with tempfile.TemporaryDirectory() as tmp:
-        data = training_data(tmp, args.train_images)
-        run = os.path.join(tmp, "run")
-        train.main(["--data_path", data, "--category", "bottle", *flags, "--backbone_weights", WEIGHTS,
-                    "--save_path", run, "--no_progress", "--cpu_threads", str(args.threads)])
-        model_dir = os.path.join(tmp, "inference", "bottle")
-        export_model.main([*flags, "--model_path", os.path.join(run, "bottle.pdparams"), "--save_dir", model_dir])
+        data, model_dir = train_and_export(tmp, flags, args.train_images, args.threads)
         paths = [s.image_path for s in test_samples(data, "bottle")]
         bodies = []
         for path in paths:
