@@ -2,6 +2,7 @@
 uploads hold no queue slot and get 408, the connection cap and the headers deadline, the body
 budget, multipart uploads, a corpus of odd inputs through the service, infer.py, predict.py and
 training, and the one-step centre crop against resize-then-crop."""
+import glob
 import json
 import os
 import re
@@ -245,15 +246,29 @@ def test_scripts_score_what_they_can_and_name_the_rest(server, exported, corpus,
         assert f"error: {len(named)} of {len(corpus)} images could not be read" in err
 
 
-def test_training_stops_before_the_fit_naming_the_bad_file(synthetic_root, corpus, tmp_path):
-    bad = os.path.join(synthetic_root, "widget", "train", "good", "003_trunc.png")
+@pytest.mark.parametrize("layout", ["mvtec", "folder"])
+def test_training_stops_before_the_fit_naming_the_bad_file(layout, synthetic_root, corpus, tmp_path):
+    good_dir = os.path.join(synthetic_root, "widget", "train", "good")
+    bad = os.path.join(good_dir, "003_trunc.png")
     with open(bad, "wb") as f:
         f.write(corpus["png_truncated_at_73.png"])
+    # Folder mode: every normal image is a training image (none held out for the test split).
+    data = ["--data_path", synthetic_root] if layout == "mvtec" else ["--normal_dir", good_dir,
+                                                                      "--normal_test_ratio", "0"]
     with pytest.raises(UserError) as err:
-        train.main(["--data_path", synthetic_root, "--category", "widget", *TINY, "--save_path",
-                    str(tmp_path / "run"), "--no_progress"])
+        train.main([*data, "--category", "widget", *TINY, "--save_path", str(tmp_path / "run"), "--no_progress"])
     assert bad in str(err.value) and "\n" not in str(err.value)
-    assert not os.path.exists(tmp_path / "run" / "widget.pdparams")
+    assert not glob.glob(str(tmp_path / "run" / "**" / "*.pdparams"), recursive=True)  # no model written
+
+
+def test_serve_checks_the_new_limits():
+    import serve
+    for flags, words in ((["--body_timeout_s", "0"], "--body_timeout_s must be positive"),
+                         (["--keep_alive_s", "-1"], "--keep_alive_s must be positive"),
+                         (["--max_connections", "0"], "--max_connections must be at least 1"),
+                         (["--max_image_mb", "300"], "--max_body_buffer_mb 256 must hold")):
+        with pytest.raises(UserError, match=words):
+            serve.check_args(serve.build_parser().parse_args(["--model_dir", "m", *flags]))
 
 
 # ---------------------------------------------------------------- the one-step centre crop
