@@ -89,7 +89,7 @@ def main(argv=None):
                       "".join(json.dumps(r) + "\n" for r in records))
     if args.enable_benchmark:
         report = benchmark_report(timer, model_name=f"{cfg['method']}_{cfg['arch']}", batch_size=args.batch_size,
-                                  input_shape=meta["input_shape"], data_count=len(paths), use_gpu=args.use_gpu,
+                                  input_shape=meta["input_shape"], data_count=len(records), use_gpu=args.use_gpu,
                                   ir_optim=args.ir_optim, enable_mkldnn=args.enable_mkldnn,
                                   cpu_threads=args.cpu_threads, precision=args.precision, backend=args.backend)
         print(format_report(report))

@@ -185,8 +185,9 @@ def main():
     print(f"\nserve.py, OrthoAD R18 k=100 bottle 256->224, --max_queue {MAX_QUEUE}, --cpu_threads {args.threads}, "
           f"--decode_threads {decode_threads}, --body_timeout_s 10, {os.cpu_count()} CPUs")
     print(format_table(["normal client", "requests", "200", "p50 ms", "p99 ms", "slow still held"], latency))
-    print(f"\n8 clients at once, each the largest image --max_megapixels {MAX_MEGAPIXELS} allows (8000x5000); bound = "
-          f"model RSS + {decode_threads} decode threads x {DECODE_BYTES_PER_PIXEL} B/px x {MAX_MEGAPIXELS} MP + the bodies")
+    print(f"\n8 clients at once, each the largest image --max_megapixels {MAX_MEGAPIXELS} allows (8000x5000); "
+          f"bound = model RSS + {decode_threads} decode threads x {DECODE_BYTES_PER_PIXEL} B/px x {MAX_MEGAPIXELS} MP "
+          f"+ the bodies")
     print(format_table(["image", "body MB", "200", "s", "RSS before MB", "peak MB", "growth MB", "bound MB"], rss))
     print("\nextreme aspect ratios")
     print(format_table(["image", "path", "ms", "RSS MB"], extreme))
