@@ -12,6 +12,7 @@ import os
 
 import numpy as np
 
+import report
 from report import visualize
 from datasets.transforms import Preprocess, list_input_images
 from deploy.predictor import load_deployed, resolve_files
@@ -37,6 +38,7 @@ def build_parser():
     p.add_argument("--save_log_path", default=None, help="benchmark log (default <save_path>/benchmark.log)")
     p.add_argument("--save_pic", type=str2bool, default=False, help="also write overlay figures")
     p.add_argument("--overwrite", action="store_true", help="replace earlier outputs of the same images")
+    report.add_review_args(p, "<save_path>")
     return p
 
 
@@ -71,12 +73,18 @@ def main(argv=None):
     stems = visualize.output_stems(paths)
     timer = StageTimer(warmup=args.warmup)
     records = []
-    for lo in range(0, len(paths), args.batch_size):
-        batch = paths[lo:lo + args.batch_size]
-        loaded, preds = predict_batch(detector, cfg, batch, timer)
-        for path, (_, rgb), pred in zip(batch, loaded, preds):
-            records.append(visualize.write_prediction(args.save_path, path, stems[path], rgb, pred,
-                                                      args.save_pic, args.overwrite))
+    category = meta.get("category") or args.category or "model"
+    with report.review_page(args.save_path, args.report, args.overwrite, ", ".join(args.input_file)) as page:
+        for lo in range(0, len(paths), args.batch_size):
+            batch = paths[lo:lo + args.batch_size]
+            loaded, preds = predict_batch(detector, cfg, batch, timer)
+            for path, (_, rgb), pred in zip(batch, loaded, preds):
+                records.append(visualize.write_prediction(args.save_path, path, stems[path], rgb, pred,
+                                                          args.save_pic, args.overwrite))
+                if page:
+                    page.add_prediction(category, path, stems[path], rgb, pred, cfg, meta.get("version"))
+        if page:
+            page.finish()
     write_text_atomic(os.path.join(args.save_path, "infer_results.jsonl"),
                       "".join(json.dumps(r) + "\n" for r in records))
     if args.enable_benchmark:
