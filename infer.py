@@ -12,8 +12,7 @@ import os
 
 import numpy as np
 
-import report
-from report import visualize
+from report import add_review_args, review_page, visualize
 from datasets.transforms import Preprocess, list_input_images
 from deploy.predictor import load_deployed, resolve_files
 from deploy.timing import StageTimer, benchmark_report, format_report, now
@@ -38,7 +37,7 @@ def build_parser():
     p.add_argument("--save_log_path", default=None, help="benchmark log (default <save_path>/benchmark.log)")
     p.add_argument("--save_pic", type=str2bool, default=False, help="also write overlay figures")
     p.add_argument("--overwrite", action="store_true", help="replace earlier outputs of the same images")
-    report.add_review_args(p, "<save_path>")
+    add_review_args(p, "<save_path>")
     return p
 
 
@@ -74,7 +73,7 @@ def main(argv=None):
     timer = StageTimer(warmup=args.warmup)
     records = []
     category = meta.get("category") or args.category or "model"
-    with report.review_page(args.save_path, args.report, args.overwrite, ", ".join(args.input_file)) as page:
+    with review_page(args.save_path, args.report, args.overwrite, ", ".join(args.input_file)) as page:
         for lo in range(0, len(paths), args.batch_size):
             batch = paths[lo:lo + args.batch_size]
             loaded, preds = predict_batch(detector, cfg, batch, timer)
