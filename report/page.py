@@ -215,8 +215,8 @@ def render_report(run_name, data_name, categories, records):
 {intro}
 <div class="controls">{options("category", "filter-category", [c["name"] for c in categories])}
 {filters}{options("predicted", "filter-pred", LABEL_NAMES)}
-{options("mark", "filter-mark", MARKS + ("none",))}{sort}<span id="shown" class="muted"></span></div>
-{review}
+{options("mark", "filter-mark", MARKS + ("none",))}{sort}<span id="shown" class="muted"></span>
+{review}</div>
 <div id="gallery">
 {chr(10).join(render_card(r, n, r["category"] in no_masks, versions.get(r["category"]))
              for n, r in cards)}
