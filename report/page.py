@@ -203,13 +203,7 @@ def render_report(run_name, data_name, categories, records):
     orders = orders[2:] + orders[:2] if labelled else orders  # the first is the order the cards come in
     sort = ('<label>sort <select id="sort">' + "".join(f'<option value="{v}">{name}</option>' for v, name in orders)
             + "</select></label>")
-    review = (f'<div id="review" data-key="{esc(review_key(run_name, categories, records))}" '
-              f'data-format="{REVIEW_FORMAT}" data-report="{esc(run_name)}" '
-              f'data-paths="{"data_path" if labelled else ""}" '
-              f'data-version="{esc(next(iter(versions.values())) if len(set(versions.values())) == 1 else "")}">'
-              f'<span id="marked" class="muted"></span> <button type="button" id="download">download review.json</button> '
-              f'<span class="muted">mark: click <b>good</b> (a false alarm) or <b>defect</b> (a miss), or keys '
-              f'<kbd>j</kbd>/<kbd>k</kbd> move, <kbd>g</kbd> good, <kbd>d</kbd> defect, <kbd>u</kbd> unmark</span></div>')
+    review = review_bar(run_name, categories, records, labelled, versions)
     body = f"""<header><h1>{esc(title)}</h1>
 <div class="config">{"".join(f"<span><b>{esc(k)}</b> {esc(v)}</span>" for k, v in config.items())}</div>
 {intro}
@@ -224,6 +218,17 @@ def render_report(run_name, data_name, categories, records):
 <div id="viewer" hidden><div class="imgs"></div><div class="caption"></div>
 <div class="muted">click or Esc to close</div></div>"""
     return render_page(f"{'Report' if labelled else 'Review'} {run_name}", body, "gallery.js")
+
+
+def review_bar(run_name, categories, records, labelled, versions):
+    """The marks' counter and download button; its data-* say what review.json records (gallery.js)."""
+    single = next(iter(versions.values())) if len(set(versions.values())) == 1 else ""
+    return (f'<div id="review" data-key="{esc(review_key(run_name, categories, records))}" '
+            f'data-format="{REVIEW_FORMAT}" data-report="{esc(run_name)}" '
+            f'data-paths="{"data_path" if labelled else ""}" data-version="{esc(single)}">'
+            f'<span id="marked" class="muted"></span> <button type="button" id="download">download review.json</button> '
+            f'<span class="muted">mark: click <b>good</b> (a false alarm) or <b>defect</b> (a miss), or keys '
+            f'<kbd>j</kbd>/<kbd>k</kbd> move, <kbd>g</kbd> good, <kbd>d</kbd> defect, <kbd>u</kbd> unmark</span></div>')
 
 
 def labelled_intro(categories, no_masks, scale):

@@ -5,6 +5,7 @@ back by train.py --update --from_review.
      "report": "bottle",                       # the page's run name
      "model_version": "3f9c0a1b2d4e",          # null when the page shows several models
      "paths_relative_to": null,                # "data_path" on eval.py pages (paths relative to the data root)
+     "created": "2026-12-03T16:55:38.140Z",    # when the page wrote the file
      "images": [{"path": "line/0412.png",      # as given on the command line (predict.py / infer.py)
                  "category": "bottle", "mark": "good", "score": 0.734512,
                  "model_version": "3f9c0a1b2d4e"}, ...]}
