@@ -6,22 +6,13 @@ import os
 import numpy as np
 import pytest
 
-import export_model
 import infer
-from conftest import R18
 from datasets.transforms import Preprocess
 from deploy.predictor import load_deployed, resolve_files
+from test_deploy import exported  # noqa: F401 (the bottle model exported with --onnx, a fixture)
 from utils import UserError
 
 ov = pytest.importorskip("openvino", reason="openvino not installed")
-
-
-@pytest.fixture(scope="module")
-def exported(bottle_run, tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("inference_ov") / "bottle")
-    assert export_model.main([*R18, "--model_path", os.path.join(bottle_run, "bottle.pdparams"),
-                              "--save_dir", out, "--onnx"]) == 0
-    return out
 
 
 @pytest.fixture(scope="module")
