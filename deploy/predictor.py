@@ -1,8 +1,8 @@
 """Load an exported model (see deploy/export.py for its files) and run it.
 
 infer.py and the service need only the exported files: the feature network runs on Paddle
-Inference (or ONNX Runtime, or OpenVINO: deploy/openvino_engine.py), the post-processing is the same module predict.py uses
-(models/postprocess.py).
+Inference (or ONNX Runtime, or OpenVINO: deploy/openvino_engine.py), the post-processing is the
+same module predict.py uses (models/postprocess.py).
 """
 import json
 import os
