@@ -1,5 +1,5 @@
 """infer.py --backend openvino on the exported bottle model: parity with Paddle Inference at fp32,
-batch 1 = batch 8, and the one-line refusals (no model.onnx, bf16 where the CPU lacks it)."""
+batch 1 = batch 8, and the one-line refusals (no model.onnx, bf16 where the CPU lacks it, int8, GPU)."""
 import json
 import os
 
@@ -71,7 +71,7 @@ def test_missing_onnx_is_one_line(exported, tmp_path, capsys):
     assert err.startswith("error: ONNX model not found") and "--onnx" in err and len(err.splitlines()) == 1
 
 
-def test_bf16_refused_where_not_native_and_int8_not_offered(exported):
+def test_bf16_refused_where_not_native_int8_and_gpu_not_offered(exported):
     native = "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
     files = resolve_files(exported)
     if native:
@@ -82,3 +82,5 @@ def test_bf16_refused_where_not_native_and_int8_not_offered(exported):
             load_deployed(*files, backend="openvino", cpu_threads=2, precision="bf16")
     with pytest.raises(UserError, match="runs fp32 or bf16, not --precision int8"):
         load_deployed(*files, backend="openvino", cpu_threads=2, precision="int8")
+    with pytest.raises(UserError, match="--backend openvino runs on the CPU here"):
+        load_deployed(*files, backend="openvino", use_gpu=True)
