@@ -1,4 +1,4 @@
-"""Deployment inference with Paddle Inference (or ONNX Runtime) on an exported model.
+"""Deployment inference with Paddle Inference (or ONNX Runtime, or OpenVINO) on an exported model.
 
     python infer.py --model_dir inference/bottle --input_file IMAGE_OR_FOLDER \
         --enable_mkldnn True --cpu_threads 2 --enable_benchmark True --save_path output/infer
@@ -14,7 +14,7 @@ import numpy as np
 
 from report import add_review_args, review_page, visualize
 from datasets.transforms import Preprocess, list_input_images
-from deploy.predictor import load_deployed, resolve_files
+from deploy.predictor import BACKENDS, load_deployed, resolve_files
 from deploy.timing import StageTimer, benchmark_report, format_report, now
 from utils import (UserError, add_inference_args, append_line, inference_config, run_cli, str2bool,
                    write_text_atomic)
@@ -29,7 +29,8 @@ def build_parser():
     p.add_argument("--category", default=None, help="with --model_dir: use <model_dir>/<category> if it exists")
     p.add_argument("--input_file", required=True, nargs="+", help="image files or folders")
     p.add_argument("--batch_size", type=int, default=1)
-    p.add_argument("--backend", default="paddle", choices=["paddle", "onnxruntime"])
+    p.add_argument("--backend", default="paddle", choices=BACKENDS,
+                   help="what runs the feature network; onnxruntime and openvino read model.onnx (export --onnx)")
     add_inference_args(p)
     p.add_argument("--enable_benchmark", type=str2bool, default=False)
     p.add_argument("--warmup", type=int, default=1, help="batches left out of the benchmark means")
