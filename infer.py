@@ -1,4 +1,4 @@
-"""Deployment inference with Paddle Inference (or ONNX Runtime) on an exported model.
+"""Deployment inference with Paddle Inference (or ONNX Runtime, or OpenVINO) on an exported model.
 
     python infer.py --model_dir inference/bottle --input_file IMAGE_OR_FOLDER \
         --enable_mkldnn True --cpu_threads 2 --enable_benchmark True --save_path output/infer
@@ -14,10 +14,10 @@ import os
 
 import numpy as np
 
-from report import visualize
+from report import add_review_args, review_page, visualize
 from datasets.transforms import Preprocess, list_input_images
 from datasets.unreadable import UnreadableImages
-from deploy.predictor import load_deployed, resolve_files
+from deploy.predictor import BACKENDS, load_deployed, resolve_files
 from deploy.timing import StageTimer, benchmark_report, format_report, now
 from utils import (UserError, add_inference_args, append_line, inference_config, run_cli, str2bool,
                    write_text_atomic)
@@ -32,7 +32,8 @@ def build_parser():
     p.add_argument("--category", default=None, help="with --model_dir: use <model_dir>/<category> if it exists")
     p.add_argument("--input_file", required=True, nargs="+", help="image files or folders")
     p.add_argument("--batch_size", type=int, default=1)
-    p.add_argument("--backend", default="paddle", choices=["paddle", "onnxruntime"])
+    p.add_argument("--backend", default="paddle", choices=BACKENDS,
+                   help="what runs the feature network; onnxruntime and openvino read model.onnx (export --onnx)")
     add_inference_args(p)
     p.add_argument("--enable_benchmark", type=str2bool, default=False)
     p.add_argument("--warmup", type=int, default=1, help="batches left out of the benchmark means")
@@ -40,6 +41,7 @@ def build_parser():
     p.add_argument("--save_log_path", default=None, help="benchmark log (default <save_path>/benchmark.log)")
     p.add_argument("--save_pic", type=str2bool, default=False, help="also write overlay figures")
     p.add_argument("--overwrite", action="store_true", help="replace earlier outputs of the same images")
+    add_review_args(p, "<save_path>")
     return p
 
 
@@ -79,12 +81,18 @@ def main(argv=None):
     stems = visualize.output_stems(paths)
     timer = StageTimer(warmup=args.warmup)
     records = []
+    category = meta.get("category") or args.category or "model"
     unreadable = UnreadableImages()
-    for lo in range(0, len(paths), args.batch_size):
-        batch, loaded, preds = predict_batch(detector, cfg, paths[lo:lo + args.batch_size], timer, unreadable)
-        for path, (_, rgb), pred in zip(batch, loaded, preds):
-            records.append(visualize.write_prediction(args.save_path, path, stems[path], rgb, pred,
-                                                      args.save_pic, args.overwrite))
+    with review_page(args.save_path, args.report, args.overwrite, ", ".join(args.input_file)) as page:
+        for lo in range(0, len(paths), args.batch_size):
+            batch, loaded, preds = predict_batch(detector, cfg, paths[lo:lo + args.batch_size], timer, unreadable)
+            for path, (_, rgb), pred in zip(batch, loaded, preds):
+                records.append(visualize.write_prediction(args.save_path, path, stems[path], rgb, pred,
+                                                          args.save_pic, args.overwrite))
+                if page:
+                    page.add_prediction(category, path, stems[path], rgb, pred, cfg, meta.get("version"))
+        if page:
+            page.finish()
     write_text_atomic(os.path.join(args.save_path, "infer_results.jsonl"),
                       "".join(json.dumps(r) + "\n" for r in records))
     if args.enable_benchmark:

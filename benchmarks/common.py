@@ -1,4 +1,4 @@
-"""Shared pieces of the benchmark scripts: paths, the bare-backbone floor, timing."""
+"""Shared pieces of the benchmark scripts: paths, the CPU header, the bare-backbone floor, timing."""
 import os
 import sys
 import time
@@ -12,6 +12,32 @@ WEIGHTS = os.path.join(SHARED, "weights", "resnet18_imagenet_layer1-3.pdparams")
 DATA = os.path.join(SHARED, "data", "mvtec_lite")
 
 from utils import UserError  # noqa: E402
+
+
+# The CPU flags (lscpu's Flags, /proc/cpuinfo) that decide what reduced precision costs: bf16 is
+# native with AMX-BF16 or AVX512-BF16, int8 fast with VNNI (AVX512 or AVX) or AMX-INT8.
+PRECISION_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
+
+
+def cpu_header():
+    """One line for a benchmark's header: the CPU model, its cores, and which of PRECISION_FLAGS
+    it has, so that figures from different machines can be read side by side."""
+    model, flags = "unknown CPU", set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and model == "unknown CPU":
+                    model = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+                    break
+    except OSError:
+        pass
+    has = [f for f in PRECISION_FLAGS if f in flags]
+    lacks = [f for f in PRECISION_FLAGS if f not in flags]
+    return (f"cpu: {model}, {os.cpu_count()} logical cores; has: {' '.join(has) or '-'}; "
+            f"lacks: {' '.join(lacks) or '-'}")
 
 
 def require_shared():

@@ -17,6 +17,7 @@ from datasets.transforms import Preprocess
 from models import build_method, check_model_matches, load_model, save_model
 from models.backbone import make_engine
 from models.postprocess import Detector
+from models.version import version_of
 from utils import UserError
 
 
@@ -148,13 +149,15 @@ def eval_category(args, category):
     elif keeps_stored:
         report.apply_thresholds(result, state["calibration"])  # the report shows what predict.py outputs
     result["config"] = state["config"]
+    result["version"] = version_of(state)
     return result
 
 
 # ---------------------------------------------------------------- prediction
 def predict_images(args, paths, unreadable):
-    """Calibrated prediction per image; writes map (.npy), mask (.png) and overlay figure. Files
-    that cannot be read are named and skipped (`unreadable`: datasets.unreadable.UnreadableImages)."""
+    """Calibrated prediction per image; writes map (.npy), mask (.png) and overlay figure; with
+    --report also the review page <output_dir>/report/index.html. Files that cannot be read are
+    named and skipped (`unreadable`: datasets.unreadable.UnreadableImages)."""
     if args.category is None:
         raise UserError("--category is required (it selects <model_path>/<category>.pdparams)")
     state, detector, model_path = load_detector(args, args.category)
@@ -163,11 +166,16 @@ def predict_images(args, paths, unreadable):
     preprocess = Preprocess.from_config(state["config"])
     records = []
     stems = visualize.output_stems(paths)
-    for path in tqdm(paths, desc="predict", unit="img", disable=args.no_progress or len(paths) < 2, leave=False):
-        loaded = unreadable.load(preprocess, path)
-        if loaded is None:
-            continue
-        chw, rgb = loaded
-        pred = detector.predict(chw[None])[0]
-        records.append(visualize.write_prediction(args.output_dir, path, stems[path], rgb, pred, args.save_pic, args.overwrite))
+    with report.review_page(args.output_dir, args.report, args.overwrite, ", ".join(args.inputs)) as page:
+        for path in tqdm(paths, desc="predict", unit="img", disable=args.no_progress or len(paths) < 2, leave=False):
+            loaded = unreadable.load(preprocess, path)
+            if loaded is None:
+                continue
+            chw, rgb = loaded
+            pred = detector.predict(chw[None])[0]
+            records.append(visualize.write_prediction(args.output_dir, path, stems[path], rgb, pred, args.save_pic, args.overwrite))
+            if page:
+                page.add_prediction(args.category, path, stems[path], rgb, pred, state["config"], version_of(state))
+        if page:
+            page.finish()
     return records

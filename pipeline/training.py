@@ -86,6 +86,7 @@ def train_category(args, category):
     if sums is not None:  # before the model: an update never reads sums older than their model
         save_sums(model_path_for(args, category), sums, cfg)
     save_model(model_path_for(args, category), state)
+    result["version"] = state["version"]
     return result
 
 
