@@ -228,7 +228,7 @@ def test_scripts_score_what_they_can_and_name_the_rest(server, exported, corpus,
     model_dir = os.path.join(exported[0], "bottle")
     run_dir = os.path.join(os.path.dirname(exported[0]), "run")
     runs = {"infer": lambda: infer.main(["--model_dir", model_dir, "--input_file", corpus_dir, "--cpu_threads", "2",
-                                         "--batch_size", "4", "--save_path", str(tmp_path / "infer")]),
+                                         "--batch_size", "4", "--save_path", str(tmp_path / "infer"), "--report"]),
             "predict": lambda: predict.main([corpus_dir, "--category", "bottle", *TINY, "--model_path", run_dir,
                                              "--output_dir", str(tmp_path / "predict"), "--no_progress"])}
     for label, run in runs.items():
@@ -244,6 +244,7 @@ def test_scripts_score_what_they_can_and_name_the_rest(server, exported, corpus,
         assert len(skipped) == len(named) == len(corpus) - len(scored), (label, err)
         assert named | scored == set(corpus)
         assert f"error: {len(named)} of {len(corpus)} images could not be read" in err
+    assert os.path.isfile(tmp_path / "infer" / "report" / "index.html")  # the review page of the scored ones
 
 
 @pytest.mark.parametrize("layout", ["mvtec", "folder"])
