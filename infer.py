@@ -14,7 +14,7 @@ import numpy as np
 
 from report import visualize
 from datasets.transforms import Preprocess, list_input_images
-from deploy.predictor import load_deployed, resolve_files
+from deploy.predictor import exported_version, load_deployed, resolve_files
 from deploy.timing import StageTimer, benchmark_report, format_report, now
 from utils import (UserError, add_inference_args, append_line, inference_config, run_cli, str2bool,
                    write_text_atomic)
@@ -76,7 +76,7 @@ def main(argv=None):
         loaded, preds = predict_batch(detector, cfg, batch, timer)
         for path, (_, rgb), pred in zip(batch, loaded, preds):
             records.append(visualize.write_prediction(args.save_path, path, stems[path], rgb, pred,
-                                                      args.save_pic, args.overwrite))
+                                                      args.save_pic, args.overwrite, exported_version(meta)))
     write_text_atomic(os.path.join(args.save_path, "infer_results.jsonl"),
                       "".join(json.dumps(r) + "\n" for r in records))
     if args.enable_benchmark:

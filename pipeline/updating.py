@@ -51,4 +51,4 @@ def update_category(args, category):
     save_sums(path, sums, state["config"])  # before the model: an update never reads sums older than it
     save_model(path, state)
     print(f"  {path}: {len(samples)} images added, {sums['count']} in all")
-    return result
+    return evaluation.with_version(result, state)
