@@ -7,6 +7,7 @@
 """
 import json
 import os
+import shutil
 
 import numpy as np
 
@@ -44,6 +45,15 @@ def export_model(model_path, save_dir, onnx=False, expect=None, opset=11):
             written.append(export_onnx(model_file, os.path.join(tmp, "model.pdiparams"),
                                        os.path.join(tmp, "model.onnx"), opset))
     return [os.path.join(save_dir, os.path.basename(f)) for f in written]
+
+
+def publish_export(export_dir, save_dir):
+    """Copy a finished export into the folder a service serves, swapped in whole like a new
+    export (a rollback to an earlier export, two versions taking turns in a benchmark)."""
+    check_replaceable(save_dir)
+    with atomic_dir(save_dir) as tmp:
+        for name in os.listdir(export_dir):
+            shutil.copy2(os.path.join(export_dir, name), tmp)
 
 
 def check_replaceable(save_dir):
