@@ -86,7 +86,7 @@ class ServiceMetrics:
 
     def serving(self, category, version, validation):
         """A model (its version dict and calibration["validation"]) now answers for `category`."""
-        labels = (category, str(version.get("id")), str(version.get("parent")))
+        labels = (category, version.get("id") or "", version.get("parent") or "")
         with self._lock:
             old = self._serving.get(category)
             if old is not None and old != labels:

@@ -67,6 +67,20 @@ def test_update_makes_a_new_version_whose_parent_is_the_old_one(fitted):
         assert json.load(f)["model_version"] == new["id"]
 
 
+def test_a_model_saved_before_versions_gets_its_id_and_is_named_as_parent(fitted):
+    import paddle
+    _, _, more, _, weights = fitted
+    run, path = copy_run(fitted, "unversioned")
+    state = load_model(path)
+    want = state.pop("version")["id"]
+    paddle.save(state, path, protocol=4)  # as save_model wrote it before versions existed
+    old = load_model(path)["version"]
+    assert old == {"id": want, "trained_at": None, "train_images": 6, "parent": None}
+    assert train.main(["--update", "--data_path", more, "--category", "widget", *TINY, "--backbone_weights",
+                       weights, "--save_path", run, "--no_progress"]) == 0
+    assert load_model(path)["version"]["parent"] == want
+
+
 def test_new_thresholds_make_a_new_version(fitted):
     _, data, _, _, weights = fitted
     run, path = copy_run(fitted, "recalibrated")
