@@ -26,6 +26,7 @@ import gc
 import logging
 import os
 import signal
+import threading
 import time
 
 from fastapi.responses import JSONResponse
@@ -89,13 +90,15 @@ class Reloader:
         loop = asyncio.get_running_loop()
         for category, worker in self.workers.items():
             self.metrics.serving(category, worker.version, worker.meta["calibration"].get("validation"))
-        loop.add_signal_handler(signal.SIGHUP, lambda: self._spawn(self.reload_all("SIGHUP")))
+        if threading.current_thread() is threading.main_thread():  # (an app under a test client is not)
+            loop.add_signal_handler(signal.SIGHUP, lambda: self._spawn(self.reload_all("SIGHUP")))
         if self.watch_s > 0:
             self._spawn(self._watch())
 
     async def stop(self):
         """Before the workers stop: no more reloads; models being loaded or retired are stopped."""
-        asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+        if threading.current_thread() is threading.main_thread():
+            asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
         for task in list(self.tasks):
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)

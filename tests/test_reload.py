@@ -163,8 +163,13 @@ def test_sighup_and_admin_reload_with_and_without_the_key(server, versions):
             res = reload(server, path, headers)
             assert res.status_code == 401 and "API key" in res.json()["error"]
     assert serving(server)["model_version"] == ids["B"]  # refused: nothing reloaded
-    res = reload(server, "/admin/reload")
-    assert res.status_code == 200 and res.json()["results"][0]["model_version"] == ids["A"]
+    # Two reloads at once: the second waits for the first, then finds the folder already serving.
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        both = list(pool.map(lambda path: reload(server, path), ["/admin/reload", "/admin/reload/bottle"]))
+    assert [r.status_code for r in both] == [200, 200]
+    results = [r.json()["results"][0] for r in both]
+    assert sorted(r["result"] for r in results) == ["reloaded", "unchanged"]
+    assert {r["model_version"] for r in results} == {ids["A"]}
     publish_export(versions["exports"]["B"], versions["served"])
     server.proc.send_signal(signal.SIGHUP)
     wait_for(lambda: serving(server)["model_version"] == ids["B"], what="the SIGHUP reload")
