@@ -19,7 +19,6 @@ import io
 import json
 import os
 import pathlib
-import queue
 import shutil
 import tempfile
 import threading

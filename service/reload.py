@@ -33,11 +33,11 @@ from fastapi.responses import JSONResponse
 
 from deploy.predictor import STATS_FILE
 from service.app import error_response
-from utils import UserError
 
 log = logging.getLogger("service")
 LIBC = ctypes.CDLL(None)
 POLL_S = 0.02  # how often a reload checks on the model it is loading and on the one it retires
+SWAP_GAP_S = 1.0  # how long a reload waits for a missing export folder to come back
 
 
 def export_fingerprint(folder):
@@ -134,7 +134,7 @@ class Reloader:
         loop = asyncio.get_running_loop()
         folder, old = self.model_dirs[category], self.workers[category]
         await self._until(lambda: old.ready.is_set() or old.done.is_set())  # the first load has finished
-        found = export_fingerprint(folder)
+        found = await self._fingerprint_across_a_swap(folder)
         if found is None:
             return self._failed(category, f"the export folder {folder} is missing or has no {STATS_FILE}", found)
         if found == self.serving[category]:
@@ -142,8 +142,8 @@ class Reloader:
             return {"category": category, "result": "unchanged", "model_version": old.version["id"]}
         try:
             new = await loop.run_in_executor(None, self.make_worker, category, folder)
-        except UserError as err:
-            return self._failed(category, str(err), found)
+        except Exception as err:  # noqa: BLE001 - any unreadable export: the old model serves on
+            return self._failed(category, str(err) or type(err).__name__, found)
         self.busy_workers.add(new)
         new.start()
         await self._until(lambda: new.ready.is_set() or new.done.is_set())
@@ -162,6 +162,17 @@ class Reloader:
         self._spawn(self._retire(old))
         return {"category": category, "result": "reloaded", "model_version": new.version["id"],
                 "previous_version": old.version["id"]}
+
+    @staticmethod
+    async def _fingerprint_across_a_swap(folder):
+        """The folder's fingerprint; where the system cannot swap two folders in one step,
+        utils.atomic_dir leaves the path missing between two renames: look again for a while."""
+        for _ in range(int(SWAP_GAP_S / POLL_S)):
+            found = export_fingerprint(folder)
+            if found is not None:
+                return found
+            await asyncio.sleep(POLL_S)
+        return export_fingerprint(folder)
 
     def _failed(self, category, message, fingerprint):
         self.failure[category] = {"error": message, "at": time.time(), "fingerprint": fingerprint}

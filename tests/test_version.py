@@ -134,6 +134,18 @@ def test_export_carries_the_version_and_replaces_its_folder_whole(fitted, tmp_pa
     np.testing.assert_array_equal(load_stats(os.path.join(out, "stats.npz"))[1]["mean"], state["stats"]["mean"])
 
 
+def test_export_replaces_its_folder_where_folders_cannot_be_swapped_in_one_step(fitted, tmp_path, monkeypatch):
+    import utils
+    _, _, _, run, _ = fitted
+    out = str(tmp_path / "inference" / "widget")
+    assert export_model.main([*TINY, "--model_path", os.path.join(run, "widget.pdparams"), "--save_dir", out]) == 0
+    inode = os.stat(out).st_ino
+    monkeypatch.setattr(utils, "_exchange_paths", lambda a, b: False)  # old aside, new in, old removed
+    assert export_model.main([*TINY, "--model_path", os.path.join(run, "widget.pdparams"), "--save_dir", out]) == 0
+    assert os.stat(out).st_ino != inode and os.listdir(tmp_path / "inference") == ["widget"]
+    assert sorted(os.listdir(out)) == ["model.json", "model.pdiparams", "stats.npz"]
+
+
 def test_export_refuses_a_folder_holding_other_files(fitted, tmp_path, capsys):
     _, _, _, run, _ = fitted
     out = tmp_path / "mine"
