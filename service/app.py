@@ -171,6 +171,8 @@ def create_app(workers, api_key=None, limits=Limits(), decode_threads=2, metrics
     @app.post("/predict/{category}")
     async def predict(category: str, request: Request, with_map: bool = Query(False, alias="map")):
         loop = asyncio.get_running_loop()
+        # No await from this lookup to admit(): a hot reload swaps workers[category] between two
+        # steps of the event loop and retires the old worker once its admitted requests are answered.
         worker = workers.get(category)
         if worker is None:
             raise ApiError(404, f"unknown category {category!r}; served: {', '.join(workers)}")

@@ -182,6 +182,7 @@ class Reloader:
     async def _retire(self, worker):
         """Answer what the old worker admitted, then stop it and let its predictor go."""
         self.busy_workers.add(worker)
+        worker.close()
         try:
             await self._until(lambda: worker.admitted == 0)
             await asyncio.get_running_loop().run_in_executor(None, worker.stop)

@@ -69,6 +69,7 @@ class ModelWorker:
         self.done = threading.Event()  # set when loading failed or the worker stopped
         self._queue = queue.Queue()
         self._admitted = 0
+        self._closed = False
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name=f"infer-{category}", daemon=True)
 
@@ -88,10 +89,17 @@ class ModelWorker:
         """Count a request in (from its arrival until its answer), or raise Overloaded. The
         count bounds the bodies and images held for this model, not only the queue proper."""
         with self._lock:
+            if self._closed:  # only if a request looked its worker up, then yielded before admit()
+                raise Overloaded(f"{self.category}: the model was replaced by a reload; send again")
             if self._admitted >= self.max_queue:
                 raise Overloaded(f"{self.category}: {self._admitted} requests waiting (--max_queue {self.max_queue})")
             self._admitted += 1
         self.metrics.queue_length.labels(self.category).inc()
+
+    def close(self):
+        """Admit no more requests (a reload has replaced this worker); the admitted are answered."""
+        with self._lock:
+            self._closed = True
 
     @property
     def admitted(self):

@@ -215,6 +215,21 @@ def test_a_failing_new_model_keeps_the_old_one_serving(server, versions, tmp_pat
     assert requests.get(server.url + "/health", timeout=10).json() == {"status": "ok", "models": ["bottle"]}
 
 
+def test_a_replaced_worker_admits_no_more_requests(versions):
+    """The reload closes the worker it replaced: a request that looked it up and yielded before
+    being admitted (the app never does) gets a 503 to send again, never a queue nobody serves."""
+    from service.metrics import ServiceMetrics
+    from service.workers import ModelWorker, Overloaded
+    worker = ModelWorker("bottle", versions["exports"]["A"], {}, ServiceMetrics(["bottle"], 8))
+    worker.admit()
+    worker.close()
+    with pytest.raises(Overloaded, match="replaced by a reload"):
+        worker.admit()
+    assert worker.admitted == 1  # the one admitted before is still answered
+    worker.release()
+    assert worker.admitted == 0
+
+
 # ---------------------------------------------------------------- --watch and export_model.py
 KILLED_EXPORT = """
 import os, signal, sys
