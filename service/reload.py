@@ -190,7 +190,6 @@ class Reloader:
             self.busy_workers.discard(worker)
         await asyncio.get_running_loop().run_in_executor(None, release_memory)
 
-
     @staticmethod
     async def _until(condition):
         while not condition():
