@@ -55,7 +55,8 @@ def png_base64(gray_u8):
 def prediction_record(worker, pred, with_map):
     """infer.py's JSON fields (visualize.write_prediction), plus the category and model; with
     `with_map` the calibrated map (0..1 as 0..255, 0.5 = threshold) and the mask as PNGs."""
-    record = {"category": worker.category, "model": worker.model_name, **prediction_fields(pred)}
+    record = {"category": worker.category, "model": worker.model_name, "model_version": worker.version["id"],
+              **prediction_fields(pred)}
     if with_map:
         heat = np.rint(np.clip(pred["anomaly_map"], 0.0, 1.0) * 255.0).astype(np.uint8)
         record["anomaly_map_png"] = png_base64(heat)
@@ -82,9 +83,11 @@ async def read_body(request, limit):
     return b"".join(chunks)
 
 
-def create_app(workers, api_key=None, limits=Limits(), decode_threads=2, metrics=None, on_load_failure=None):
+def create_app(workers, api_key=None, limits=Limits(), decode_threads=2, metrics=None, on_load_failure=None,
+               reloader=None):
     """`workers`: {category: service.workers.ModelWorker}, started by the app's lifespan and
-    drained when it stops; `on_load_failure(message)` is called if a model cannot be loaded."""
+    drained when it stops; `on_load_failure(message)` is called if a model cannot be loaded;
+    `reloader`: a service.reload.Reloader over `workers`, which swaps their entries."""
     metrics = metrics or ServiceMetrics(list(workers), max((w.max_batch for w in workers.values()), default=1))
     pool = concurrent.futures.ThreadPoolExecutor(decode_threads, thread_name_prefix="decode")
     with open(PAGE, encoding="utf-8") as f:
@@ -106,8 +109,12 @@ def create_app(workers, api_key=None, limits=Limits(), decode_threads=2, metrics
         for w in workers.values():
             w.start()
         watcher = asyncio.create_task(watch_loading())
+        if reloader:
+            reloader.start()
         yield
         watcher.cancel()
+        if reloader:
+            await reloader.stop()
         for w in workers.values():  # uvicorn has answered every request in flight by now
             await asyncio.get_running_loop().run_in_executor(None, w.stop)
         pool.shutdown(wait=True)
@@ -128,6 +135,8 @@ def create_app(workers, api_key=None, limits=Limits(), decode_threads=2, metrics
         if path.startswith("/predict/"):
             category = path[len("/predict/"):]
             return "predict", category if category in workers else "unknown"
+        if path.startswith("/admin/reload"):
+            return "reload", ""
         endpoint = {"/": "page", "/health": "health", "/models": "models", "/metrics": "metrics"}.get(path, "other")
         return endpoint, ""
 
@@ -162,6 +171,8 @@ def create_app(workers, api_key=None, limits=Limits(), decode_threads=2, metrics
     @app.post("/predict/{category}")
     async def predict(category: str, request: Request, with_map: bool = Query(False, alias="map")):
         loop = asyncio.get_running_loop()
+        # No await from this lookup to admit(): a hot reload swaps workers[category] between two
+        # steps of the event loop and retires the old worker once its admitted requests are answered.
         worker = workers.get(category)
         if worker is None:
             raise ApiError(404, f"unknown category {category!r}; served: {', '.join(workers)}")
@@ -193,15 +204,21 @@ def create_app(workers, api_key=None, limits=Limits(), decode_threads=2, metrics
         if loading:
             return JSONResponse({"status": "loading", "loading": loading}, status_code=503,
                                 headers={"Retry-After": str(limits.retry_after_s)})
+        problems = reloader.problems() if reloader else {}
+        if problems:  # still serving: 200, with what went wrong
+            return {"status": "degraded", "models": list(workers), "problems": problems}
         return {"status": "ok", "models": list(workers)}
 
     @app.get("/models")
     async def models():
-        return {"models": [w.describe() for w in workers.values()]}
+        return {"models": [dict(w.describe(), **(reloader.describe(c) if reloader else {})) for c, w in workers.items()]}
 
     @app.get("/metrics")
     async def metrics_text():
         return Response(metrics.exposition(), media_type=CONTENT_TYPE)
+
+    if reloader:
+        reloader.add_routes(app)
 
     @app.get("/", response_class=HTMLResponse)
     async def index():

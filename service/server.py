@@ -8,6 +8,7 @@ from threadpoolctl import threadpool_limits
 
 from service.app import Limits, create_app
 from service.metrics import ServiceMetrics
+from service.reload import Reloader
 from service.workers import ModelWorker, find_model_dirs
 from utils import UserError, inference_config
 
@@ -36,8 +37,13 @@ def run_service(args):
     threadpool_limits(limits=1, user_api="blas")
     dirs = find_model_dirs(args.model_dir)
     metrics = ServiceMetrics(list(dirs), args.max_batch)
-    workers = {c: ModelWorker(c, d, engine_config, metrics, args.max_batch, args.max_wait_ms, args.max_queue)
-               for c, d in dirs.items()}
+
+    def make_worker(category, folder, log_failure=True):
+        return ModelWorker(category, folder, engine_config, metrics, args.max_batch, args.max_wait_ms, args.max_queue,
+                           log_failure)
+
+    workers = {c: make_worker(c, d) for c, d in dirs.items()}
+    reloader = Reloader(workers, dirs, lambda c, d: make_worker(c, d, log_failure=False), metrics, args.watch)
     failures = []
 
     def load_failed(message):
@@ -45,7 +51,8 @@ def run_service(args):
         server.should_exit = True
 
     app = create_app(workers, api_key=args.api_key, decode_threads=args.decode_threads, metrics=metrics,
-                     limits=Limits(int(args.max_image_mb * 2**20), max_pixels), on_load_failure=load_failed)
+                     limits=Limits(int(args.max_image_mb * 2**20), max_pixels), on_load_failure=load_failed,
+                     reloader=reloader)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, access_log=args.access_log,
                                            timeout_graceful_shutdown=args.graceful_timeout, log_level="info"))
     # uvicorn re-raises the signal that stopped it once it has shut down gracefully; a no-op
