@@ -17,7 +17,7 @@ import numpy as np
 from report import add_review_args, review_page, visualize
 from datasets.transforms import Preprocess, list_input_images
 from datasets.unreadable import UnreadableImages
-from deploy.predictor import BACKENDS, load_deployed, resolve_files
+from deploy.predictor import BACKENDS, exported_version, load_deployed, resolve_files
 from deploy.timing import StageTimer, benchmark_report, format_report, now
 from utils import (UserError, add_inference_args, append_line, inference_config, run_cli, str2bool,
                    write_text_atomic)
@@ -88,7 +88,8 @@ def main(argv=None):
             batch, loaded, preds = predict_batch(detector, cfg, paths[lo:lo + args.batch_size], timer, unreadable)
             for path, (_, rgb), pred in zip(batch, loaded, preds):
                 records.append(visualize.write_prediction(args.save_path, path, stems[path], rgb, pred,
-                                                          args.save_pic, args.overwrite))
+                                                          args.save_pic, args.overwrite,
+                                                          exported_version(meta)))
                 if page:
                     page.add_prediction(category, path, stems[path], rgb, pred, cfg, meta.get("version"))
         if page:

@@ -5,7 +5,8 @@
     curl -F image=@IMAGE.png http://127.0.0.1:8866/predict/bottle      # multipart/form-data
 
 POST /predict/{category}[?map=true], GET /health, /models, /metrics (Prometheus), / (a page to
-drop an image on). Binds 127.0.0.1 unless told otherwise; another --host needs --api_key (or
+drop an image on). A changed export folder goes live without a restart on SIGHUP, POST
+/admin/reload[/{category}], or by itself with --watch SECONDS (service/reload.py). Binds 127.0.0.1 unless told otherwise; another --host needs --api_key (or
 $AD_API_KEY) or an explicit --no_auth. SIGTERM or Ctrl-C: stop accepting, answer what is in
 flight, exit 0. What a request may cost (body size and time, connections, memory) is bounded:
 docs/serving_limits.md.
@@ -47,6 +48,9 @@ def build_parser():
     p.add_argument("--graceful_timeout", type=float, default=30.0,
                    help="seconds to finish the requests in flight after SIGTERM")
     p.add_argument("--access_log", action="store_true", help="log every request")
+    p.add_argument("--watch", type=float, default=0.0, metavar="SECONDS",
+                   help="poll the export folders this often and reload a changed one (0: only on SIGHUP or "
+                        "POST /admin/reload)")
     return p
 
 
@@ -57,8 +61,8 @@ def check_args(args):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be at least 1")
     for name in ("max_wait_ms", "max_image_mb", "max_megapixels", "body_timeout_s", "max_body_buffer_mb",
-                 "keep_alive_s"):
-        if getattr(args, name) < 0 or (name != "max_wait_ms" and getattr(args, name) == 0):
+                 "keep_alive_s", "watch"):
+        if getattr(args, name) < 0 or (name not in ("max_wait_ms", "watch") and getattr(args, name) == 0):
             raise UserError(f"--{name} must be positive")
     if args.max_body_buffer_mb < args.max_image_mb:
         raise UserError(f"--max_body_buffer_mb {args.max_body_buffer_mb:g} must hold at least one body of "

@@ -35,6 +35,12 @@ def load_stats(path):
     return meta, stats
 
 
+def exported_version(meta):
+    """The model version an export records (models/version.py); None for exports made before
+    versions existed."""
+    return (meta.get("version") or {}).get("id")
+
+
 class OnnxEngine:
     def __init__(self, onnx_path, cpu_threads=None):
         try:

@@ -129,7 +129,6 @@ def update_category(args, category):
     result["config"] = state["config"]
     save_sums(path, sums, state["config"])  # before the model: an update never reads sums older than it
     save_model(path, state)
-    result["version"] = state["version"]
     print(f"  {path}: {len(samples)} images added, {sums['count']} in all; version {state['version']['id']} "
           f"(from {state['version']['parent']})")
-    return result
+    return evaluation.with_version(result, state)

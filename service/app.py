@@ -58,7 +58,8 @@ def png_base64(gray_u8):
 def prediction_record(worker, pred, with_map):
     """infer.py's JSON fields (visualize.write_prediction), plus the category and model; with
     `with_map` the calibrated map (0..1 as 0..255, 0.5 = threshold) and the mask as PNGs."""
-    record = {"category": worker.category, "model": worker.model_name, **prediction_fields(pred)}
+    record = {"category": worker.category, "model": worker.model_name, "model_version": worker.version["id"],
+              **prediction_fields(pred)}
     if with_map:
         heat = np.rint(np.clip(pred["anomaly_map"], 0.0, 1.0) * 255.0).astype(np.uint8)
         record["anomaly_map_png"] = png_base64(heat)
@@ -67,9 +68,11 @@ def prediction_record(worker, pred, with_map):
     return record
 
 
-def create_app(workers, api_key=None, limits=Limits(), decode_threads=2, metrics=None, on_load_failure=None):
+def create_app(workers, api_key=None, limits=Limits(), decode_threads=2, metrics=None, on_load_failure=None,
+               reloader=None):
     """`workers`: {category: service.workers.ModelWorker}, started by the app's lifespan and
-    drained when it stops; `on_load_failure(message)` is called if a model cannot be loaded."""
+    drained when it stops; `on_load_failure(message)` is called if a model cannot be loaded;
+    `reloader`: a service.reload.Reloader over `workers`, which swaps their entries."""
     metrics = metrics or ServiceMetrics(list(workers), max((w.max_batch for w in workers.values()), default=1))
     pool = concurrent.futures.ThreadPoolExecutor(decode_threads, thread_name_prefix="decode")
     bodies = BodyBudget(limits.max_body_buffer_bytes)
@@ -92,8 +95,12 @@ def create_app(workers, api_key=None, limits=Limits(), decode_threads=2, metrics
         for w in workers.values():
             w.start()
         watcher = asyncio.create_task(watch_loading())
+        if reloader:
+            reloader.start()
         yield
         watcher.cancel()
+        if reloader:
+            await reloader.stop()
         for w in workers.values():  # uvicorn has answered every request in flight by now
             await asyncio.get_running_loop().run_in_executor(None, w.stop)
         pool.shutdown(wait=True)
@@ -114,6 +121,8 @@ def create_app(workers, api_key=None, limits=Limits(), decode_threads=2, metrics
         if path.startswith("/predict/"):
             category = path[len("/predict/"):]
             return "predict", category if category in workers else "unknown"
+        if path.startswith("/admin/reload"):
+            return "reload", ""
         endpoint = {"/": "page", "/health": "health", "/models": "models", "/metrics": "metrics"}.get(path, "other")
         return endpoint, ""
 
@@ -146,6 +155,14 @@ def create_app(workers, api_key=None, limits=Limits(), decode_threads=2, metrics
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
         return error_response(400, f"bad request: {problems}")
 
+    def ready_worker(category):
+        worker = workers.get(category)
+        if worker is None:
+            raise ApiError(404, f"unknown category {category!r}; served: {', '.join(workers)}")
+        if not worker.ready.is_set():
+            raise ApiError(503, f"the model for {category} is loading", {"Retry-After": str(limits.retry_after_s)})
+        return worker
+
     async def decoded_image(request, worker):
         """The request's image (raw body or multipart form), read within --body_timeout_s and
         decoded in the pool; its body is let go (and given back to the budget) on return."""
@@ -163,14 +180,16 @@ def create_app(workers, api_key=None, limits=Limits(), decode_threads=2, metrics
     @app.post("/predict/{category}")
     async def predict(category: str, request: Request, with_map: bool = Query(False, alias="map")):
         loop = asyncio.get_running_loop()
-        worker = workers.get(category)
-        if worker is None:
-            raise ApiError(404, f"unknown category {category!r}; served: {', '.join(workers)}")
-        if not worker.ready.is_set():
-            raise ApiError(503, f"the model for {category} is loading", {"Retry-After": str(limits.retry_after_s)})
-        chw = await decoded_image(request, worker)
+        decoded_for = ready_worker(category)  # unknown or loading: answered before the body is read
+        chw = await decoded_image(request, decoded_for)
         # A queue slot only now: a client slow to send its body holds none (and is cut off at
         # --body_timeout_s), so slow uploads cannot fill the queue against everyone else.
+        # No await from this lookup to admit(): a hot reload swaps workers[category] between two
+        # steps of the event loop and retires the old worker once its admitted requests are answered.
+        worker = ready_worker(category)
+        if worker.preprocess != decoded_for.preprocess:  # a reload changed the geometry meanwhile
+            raise ApiError(503, f"{category}: the model was replaced by a reload while the image was read; send again",
+                           {"Retry-After": str(limits.retry_after_s)})
         try:
             worker.admit()
         except Overloaded as err:
@@ -189,15 +208,21 @@ def create_app(workers, api_key=None, limits=Limits(), decode_threads=2, metrics
         if loading:
             return JSONResponse({"status": "loading", "loading": loading}, status_code=503,
                                 headers={"Retry-After": str(limits.retry_after_s)})
+        problems = reloader.problems() if reloader else {}
+        if problems:  # still serving: 200, with what went wrong
+            return {"status": "degraded", "models": list(workers), "problems": problems}
         return {"status": "ok", "models": list(workers)}
 
     @app.get("/models")
     async def models():
-        return {"models": [w.describe() for w in workers.values()]}
+        return {"models": [dict(w.describe(), **(reloader.describe(c) if reloader else {})) for c, w in workers.items()]}
 
     @app.get("/metrics")
     async def metrics_text():
         return Response(metrics.exposition(), media_type=CONTENT_TYPE)
+
+    if reloader:
+        reloader.add_routes(app)
 
     @app.get("/", response_class=HTMLResponse)
     async def index():

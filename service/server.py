@@ -10,6 +10,7 @@ from threadpoolctl import threadpool_limits
 from service.app import Limits, create_app
 from service.connections import HeadersDeadlineProtocol
 from service.metrics import ServiceMetrics
+from service.reload import Reloader
 from service.workers import ModelWorker, find_model_dirs
 from utils import UserError, inference_config
 
@@ -61,8 +62,13 @@ def run_service(args):
     threadpool_limits(limits=1, user_api="blas")
     dirs = find_model_dirs(args.model_dir)
     metrics = ServiceMetrics(list(dirs), args.max_batch)
-    workers = {c: ModelWorker(c, d, engine_config, metrics, args.max_batch, args.max_wait_ms, args.max_queue)
-               for c, d in dirs.items()}
+
+    def make_worker(category, folder, log_failure=True):
+        return ModelWorker(category, folder, engine_config, metrics, args.max_batch, args.max_wait_ms, args.max_queue,
+                           log_failure)
+
+    workers = {c: make_worker(c, d) for c, d in dirs.items()}
+    reloader = Reloader(workers, dirs, lambda c, d: make_worker(c, d, log_failure=False), metrics, args.watch)
     failures = []
 
     def load_failed(message):
@@ -72,7 +78,7 @@ def run_service(args):
     limits = Limits(int(args.max_image_mb * 2**20), max_pixels, body_timeout_s=args.body_timeout_s,
                     max_body_buffer_bytes=int(args.max_body_buffer_mb * 2**20))
     app = create_app(workers, api_key=args.api_key, decode_threads=args.decode_threads, metrics=metrics,
-                     limits=limits, on_load_failure=load_failed)
+                     limits=limits, on_load_failure=load_failed, reloader=reloader)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, access_log=args.access_log,
                                            timeout_graceful_shutdown=args.graceful_timeout, log_level="info",
                                            **connection_limits(args)))
