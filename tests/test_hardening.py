@@ -335,3 +335,39 @@ def test_centre_crop_scores_and_maps_equal_resize_then_crop(exported):
     for got, was in zip(new_preds, old_preds):
         assert np.abs(got["anomaly_map"] - was["anomaly_map"]).max() < 0.02
         assert got["pred_label"] == was["pred_label"]
+
+
+def test_a_reload_while_the_body_arrives(exported):
+    """The worker is looked up again once the image is decoded (the queue slot is taken then): a
+    reload meanwhile that changed the model's geometry answers 503 send again; the worker the
+    image was decoded for never counted it."""
+    import asyncio
+
+    import httpx
+
+    from service.app import create_app
+    from service.metrics import ServiceMetrics
+    from service.workers import ModelWorker
+    metrics = ServiceMetrics(["bottle"], 8)
+    old, new = (ModelWorker("bottle", os.path.join(exported[0], "bottle"), {"cpu_threads": 1}, metrics)
+                for _ in range(2))
+    for w in (old, new):
+        w.ready.set()
+    new.preprocess = transforms.Preprocess(96, 96)
+    workers = {"bottle": old}
+    app = create_app(workers, metrics=metrics)
+    good = read(exported[1][0])
+
+    async def body():
+        yield good[:1000]
+        await asyncio.sleep(0.05)
+        workers["bottle"] = new  # what service/reload.py does between two steps of the event loop
+        yield good[1000:]
+
+    async def post():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+            return await client.post("/predict/bottle", content=body())
+
+    res = asyncio.run(asyncio.wait_for(post(), 30))  # admitted to `new` (never started), it would wait
+    assert res.status_code == 503 and "send again" in res.json()["error"], res.text
+    assert old.admitted == 0 and new.admitted == 0
