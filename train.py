@@ -3,6 +3,7 @@
     python train.py --data_path demo_data --category all --method ortho --arch resnet18 --k 100 \
         --backbone_weights weights.pdparams --eval --eval_PRO [--report]
     python train.py --normal_dir PATH/good --abnormal_dir PATH/reject [--mask_dir PATH/masks] --category cap --eval
+    python train.py --update --from_review review.json --model_path MODEL    # add the images marked good
 """
 from pipeline import cli, engine, training
 import report
@@ -28,15 +29,21 @@ def main(argv=None):
     parser.add_argument("--update", action="store_true",
                         help="PaDiM/OrthoAD: add the training images under --data_path to the model at "
                              "--model_path (fitted with --keep_sums) instead of fitting a new one")
+    parser.add_argument("--from_review", default=None, metavar="REVIEW_JSON",
+                        help="with --update: add the images marked good in this review.json (downloaded from a "
+                             "report page of predict.py/infer.py/eval.py --report) instead of --data_path's")
+    parser.add_argument("--force", action="store_true",
+                        help="with --from_review: accept a review made against another version of the model")
     args = cli.parse(parser, argv)
-    updating.check_keep_sums(args)
+    updating.check_update_args(args)
     training.resolve_precision(args)
     args.eval_PRO = args.eval_PRO or args.report
     args.eval = args.eval or args.eval_PRO or args.save_pic
     if args.distill:
         return training.distill_teacher(args)
     work = updating.update_category if args.update else training.train_category
-    return engine.run_categories(args, work, "train")
+    categories = updating.review_categories(args) if args.review else None
+    return engine.run_categories(args, work, "train", categories)
 
 
 if __name__ == "__main__":

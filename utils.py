@@ -6,10 +6,12 @@ they parse flags and call into `engine`, `models`, `datasets`, `metrics` and `vi
 import argparse
 import contextlib
 import csv
+import ctypes
 import io
 import json
 import os
 import random
+import shutil
 import sys
 import tempfile
 import warnings
@@ -119,6 +121,49 @@ def atomic_path(path):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+@contextlib.contextmanager
+def atomic_dir(path):
+    """Yield a new temporary folder beside `path`; once the block has filled it, it takes
+    `path`'s place, so that a reader (the service's watcher) sees the old folder or the new one,
+    never half of one. An existing folder is swapped out in one step where the kernel allows it
+    (renameat2 RENAME_EXCHANGE), else renamed aside just before the new one is renamed in: a gap of
+    one rename in which `path` is missing, never one in which it is incomplete. The old folder is
+    removed afterwards; on failure `path` is left as it was and the temporary folder removed."""
+    path = os.path.abspath(path)
+    parent, base = os.path.split(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{base}.", suffix=".tmp", dir=parent)
+    os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes 0700
+    try:
+        yield tmp
+        if os.path.isdir(path) and _exchange_paths(tmp, path):
+            return  # tmp now holds the old folder: removed below
+        aside = None
+        if os.path.lexists(path):
+            aside = tempfile.mkdtemp(prefix=f".{base}.", suffix=".old", dir=parent)
+            os.rename(path, aside)  # onto the empty placeholder: the name stays ours
+        try:
+            os.rename(tmp, path)
+        except OSError:
+            if aside:
+                os.rename(aside, path)
+            raise
+        if aside:
+            shutil.rmtree(aside, ignore_errors=True)
+    finally:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _exchange_paths(a, b):
+    """Swap two paths atomically (Linux renameat2 RENAME_EXCHANGE); False where not supported."""
+    rename2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if rename2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return rename2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
 
 
 def write_text_atomic(path, text):

@@ -16,7 +16,7 @@ import sys
 import tempfile
 import time
 
-from common import DATA, ROOT, WEIGHTS, print_cpu_header, require_shared
+from common import DATA, ROOT, WEIGHTS, cpu_header, require_shared
 
 POLL_S = 0.2
 
@@ -103,7 +103,7 @@ def main():
                         help="run only this case")
     args = parser.parse_args()
     require_shared()
-    print_cpu_header()
+    print(cpu_header())
     tmp = args.keep or tempfile.mkdtemp(prefix="bench_distributed_")
     data = os.path.join(tmp, "data")
     make_data(data, args.images)

@@ -11,7 +11,7 @@ import argparse
 
 import numpy as np
 
-from common import DATA, print_cpu_header, require_shared, time_per_image
+from common import DATA, cpu_header, require_shared, time_per_image
 
 import paddle  # noqa: E402
 from datasets import test_samples  # noqa: E402
@@ -43,7 +43,7 @@ def main():
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     require_shared()
-    print_cpu_header()
+    print(cpu_header())
     paddle.set_device("cpu")
     samples = test_samples(DATA, "bottle")[: args.images]
     images = np.concatenate([b[1] for b in iterate_batches(samples, 8, Preprocess(IMAGE_SIZE, IMAGE_SIZE))])

@@ -2,10 +2,14 @@
 split into preprocess / inference / postprocess, beside the bare R18 layer1-3 forward at the
 same batch size under the same config (and, at batch 1, beside eager predict.py), measured in
 one run; for PatchCore also the nearest-neighbour search (grouped vs brute force: share of
-distances computed, ms/img). Prints figures; asserts nothing.
+distances computed, ms/img). Then Paddle Inference beside OpenVINO (fp32, and bf16 where the CPU
+has it natively) on the same exported model, alternated batch by batch: the network alone and the
+whole infer.py pipeline split into preprocess / network / scoring, with the ratio whole / network
+and its projection for a network 3.7x faster (bf16 on AMX). Prints figures; asserts nothing.
 
-    python benchmarks/bench_infer.py [--methods ortho,coreset10] [--batch_size 1,8] [--threads 2] [--images 40] \
-        [--precision fp32,bf16]     # each precision fitted, deployed and timed in the same run, side by side
+    python benchmarks/bench_infer.py [--methods ortho,coreset,coreset10] [--batch_size 1,8] [--threads 2]
+        [--images 40] [--backends paddle,openvino] [--precision fp32,bf16]
+    # --precision: each precision this CPU runs natively fitted, deployed and timed in the same run, side by side
 """
 import argparse
 import json
@@ -15,7 +19,7 @@ import time
 
 import numpy as np
 
-from common import (DATA, WEIGHTS, bare_backbone, load_images, precisions_to_run, print_cpu_header, require_shared,
+from common import (DATA, WEIGHTS, bare_backbone, cpu_header, load_images, precisions_to_run, require_shared,
                     time_per_image)
 
 from pipeline import cli  # noqa: E402
@@ -24,6 +28,7 @@ import export_model  # noqa: E402
 import infer  # noqa: E402
 import train  # noqa: E402
 from datasets import test_samples  # noqa: E402
+from datasets.unreadable import UnreadableImages  # noqa: E402
 from deploy.predictor import load_deployed, resolve_files  # noqa: E402
 from deploy.timing import StageTimer  # noqa: E402
 from models import build_method  # noqa: E402
@@ -41,6 +46,9 @@ METHOD_FLAGS = {
     "efficientad": ["--method", "efficientad", "--train_steps", "20"],
 }
 DISTILL_STEPS = 20
+# Paddle Inference fp32 / bf16 on the exported OrthoAD R18 network by batch size, AMX-BF16 Xeon,
+# 2 threads (issue #20): what a bf16 network would cost here, for the projection of the pipeline.
+BF16_SPEEDUP = {1: 2.4, 8: 3.7}
 
 
 def method_flags(name, tmp, threads):
@@ -83,7 +91,7 @@ def batch_figures(name, deployed, paths, images, floor, batch, threads, log):
     warm = 2 if batch == 1 else 1
     timer, bare_times, single_times = StageTimer(warmup=warm), [], []
     for lo in range(0, len(paths) - batch + 1, batch):
-        infer.predict_batch(detector, meta["config"], paths[lo:lo + batch], timer)
+        infer.predict_batch(detector, meta["config"], paths[lo:lo + batch], timer, UnreadableImages())
         t0 = time.perf_counter()
         floor(images[lo:lo + batch])
         t1 = time.perf_counter()
@@ -127,16 +135,19 @@ def search_figures(name, detector, meta, images, batch):
     print(f"[{name} b{batch}] grouped search: {timings['brute'] / timings['grouped']:.1f}x faster than brute force")
 
 
-def method_figures(name, precision, tmp, args, paths, images, samples, floor, batches):
-    """Fit (at `precision`), export, and the figures of one method at each batch size ->
-    {batch: (infer.py ms/img, bare forward ms/img)}."""
+def method_figures(name, precision, tmp, args, paths, images, samples, floor, batches, runs):
+    """Fit (at `precision`), export, and the figures of one method at each batch size, with the
+    backend rows `runs` (backend_runs) beside them for the fp32 fit -> {batch: (infer.py ms/img,
+    bare forward ms/img)}."""
     flags = method_flags(name, tmp, args.threads)
     run = os.path.join(tmp, f"{name}_{precision}")
     tag = name if precision == "fp32" else f"{name} {precision}"
     train.main(["--data_path", DATA, "--category", "bottle", *flags, "--backbone_weights", WEIGHTS, "--save_path", run,
                 "--no_progress", "--cpu_threads", str(args.threads), "--precision", precision])
     deployed = os.path.join(run, "inference")
-    export_model.main([*flags, "--model_path", os.path.join(run, "bottle.pdparams"), "--save_dir", deployed])
+    runs = runs if precision == "fp32" else []
+    onnx = ["--onnx"] if any(backend != "paddle" for backend, _ in runs) else []
+    export_model.main([*flags, "--model_path", os.path.join(run, "bottle.pdparams"), "--save_dir", deployed, *onnx])
     figures = {}
     for batch in batches:
         detector, meta, total, bare = batch_figures(tag, deployed, paths, images, floor, batch, args.threads,
@@ -144,6 +155,8 @@ def method_figures(name, precision, tmp, args, paths, images, samples, floor, ba
         figures[batch] = total, bare
         if meta["config"]["method"] == "coreset":
             search_figures(tag, detector, meta, images, batch)
+        if runs:
+            backend_figures(tag, deployed, paths, images, batch, args.threads, runs)
         if batch == 1 and precision == "fp32":  # eager mode runs fp32 only
             eager_args = cli.parse(cli.parser_with(cli.add_model_args, cli.add_runtime_args),
                                    [*flags, "--model_path", run, "--engine", "eager"])
@@ -179,21 +192,91 @@ def print_precision_table(results, precisions, batches):
     print("\n" + format_table(header, rows))
 
 
+def backend_runs(backends):
+    """-> [(backend, precision)] to time: Paddle Inference fp32, OpenVINO fp32, and OpenVINO bf16
+    where OpenVINO runs it natively (else a line saying why not)."""
+    runs = [("paddle", "fp32")] if "paddle" in backends else []
+    if "openvino" in backends:
+        try:
+            import openvino
+        except ImportError:
+            print("openvino not installed: no OpenVINO rows (pip install openvino)")
+            return runs
+        from deploy.openvino_engine import bf16_missing
+        runs.append(("openvino", "fp32"))
+        missing = bf16_missing(openvino.Core())
+        if missing:
+            print(f"OpenVINO bf16 not timed: {missing}")
+        else:
+            runs.append(("openvino", "bf16"))
+    return runs
+
+
+def backend_figures(name, deployed, paths, images, batch, threads, runs):
+    """Each (backend, precision) of `runs` on the same exported model, alternated batch by batch
+    (a drift of the loaded machine's speed then falls on every row alike): the network alone on
+    the batch, and infer.py's stages (predict_batch: preprocess, network image by image, scoring).
+    Medians after the warm-up batches; raw scores against the first run's."""
+    detectors = {}
+    for backend, precision in runs:
+        detectors[backend, precision], meta = load_deployed(*resolve_files(deployed), backend=backend,
+                                                             precision=precision, cpu_threads=threads)
+    warm = 2 if batch == 1 else 1
+    timers = {run: StageTimer(warmup=warm) for run in detectors}
+    alone = {run: [] for run in detectors}
+    scores = {run: [] for run in detectors}
+    for lo in range(0, len(paths) - batch + 1, batch):
+        for run, detector in detectors.items():
+            _, _, preds = infer.predict_batch(detector, meta["config"], paths[lo:lo + batch], timers[run],
+                                              UnreadableImages())
+            scores[run] += [p["raw_score"] for p in preds]
+            t0 = time.perf_counter()
+            detector.engine(images[lo:lo + batch])
+            alone[run].append(1000 * (time.perf_counter() - t0) / batch)
+    tag, first = f"[{name} b{batch}]", runs[0]
+    rows, split = [], {}
+    def median(values):  # after the warm-up batches, unless there are no others
+        return float(np.median(values[warm:] or values))
+
+    for run in detectors:
+        stage = {s: median(timers[run].times[s]) for s in timers[run].times}
+        network, whole = median(alone[run]), sum(stage.values())
+        split[run] = (stage, network)
+        diff = np.max(np.abs(np.subtract(scores[run], scores[first])) / np.abs(scores[first]))
+        rows.append([*run, f"{network:.1f}", f"{stage['preprocess']:.1f}", f"{stage['inference']:.1f}",
+                     f"{stage['postprocess']:.1f}", f"{whole:.1f}", f"{whole / network:.2f}x", f"{diff:.1e}"])
+    print(f"\n{tag} {len(scores[first])} bottle images, {threads} threads, ms/img, medians; network alone = the "
+          f"engine on batches of {batch}; infer.py runs it image by image, then scores the batch")
+    print(format_table(["backend", "precision", "network alone", "preprocess", "network", "scoring", "whole",
+                        "whole/network alone", f"max rel diff of raw scores vs {' '.join(first)}"], rows))
+    stage, network = split[first]
+    speedup = BF16_SPEEDUP.get(batch, BF16_SPEEDUP[8])
+    fast = network / speedup
+    whole = stage["preprocess"] + fast + stage["postprocess"]
+    print(f"{tag} PROJECTION, not measured: a network {speedup}x faster than {' '.join(first)} here (Paddle bf16 "
+          f"on AMX, issue #20) = {fast:.1f} ms/img; with this run's preprocess {stage['preprocess']:.1f} "
+          f"and scoring {stage['postprocess']:.1f}: whole {whole:.1f} ms/img = {whole / fast:.2f}x the network "
+          f"(network + scoring {(fast + stage['postprocess']) / fast:.2f}x; target at batch 8 <= 1.4x)")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--methods", default="ortho,coreset10", help=f"comma list of {', '.join(METHOD_FLAGS)}")
+    parser.add_argument("--methods", default="ortho,coreset,coreset10", help=f"comma list of {', '.join(METHOD_FLAGS)}")
     parser.add_argument("--batch_size", default="1,8", help="comma list of batch sizes")
     parser.add_argument("--precision", default="fp32",
                         help="comma list of fp32, bf16, int8: each one this CPU runs natively is fitted, deployed "
                              "and timed (the others are skipped with a line saying what the CPU lacks)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--images", type=int, default=40, help="bottle test images timed")
+    parser.add_argument("--backends", default="paddle,openvino",
+                        help="comma list: paddle, openvino (timed side by side on the same exported model)")
     args = parser.parse_args()
     require_shared()
-    print_cpu_header()
+    print(cpu_header())
     precisions = precisions_to_run(args.precision)
     if not precisions:
         return
+    runs = backend_runs(args.backends.split(","))
     batches = [int(b) for b in args.batch_size.split(",")]
     samples = test_samples(DATA, "bottle")[: args.images]
     paths = [s.image_path for s in samples]
@@ -204,7 +287,8 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.methods.split(","):
             for p in precisions:  # the precisions of one method back to back: one machine state
-                results[p][name] = method_figures(name, p, tmp, args, paths, images, samples, floors[p], batches)
+                results[p][name] = method_figures(name, p, tmp, args, paths, images, samples, floors[p], batches,
+                                                  runs)
     if len(precisions) > 1:
         print_precision_table(results, precisions, batches)
 

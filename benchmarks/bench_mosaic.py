@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import DATA, WEIGHTS, print_cpu_header, require_shared  # noqa: E402
+from common import DATA, WEIGHTS, cpu_header, require_shared  # noqa: E402
 
 from pipeline import cli  # noqa: E402
 from pipeline import evaluation  # noqa: E402
@@ -144,7 +144,7 @@ def main(argv=None):
     p.add_argument("--keep", default=None, help="build the mosaics here and keep them (default: a temp folder)")
     args = p.parse_args(argv)
     require_shared()
-    print_cpu_header()
+    print(cpu_header())
     root = args.keep or tempfile.mkdtemp(prefix="mosaic_")
     try:
         data = os.path.join(root, "data")

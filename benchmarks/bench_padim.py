@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 
-from common import (DATA, ROOT, WEIGHTS, bare_backbone, load_images, precisions_to_run, print_cpu_header,
+from common import (DATA, ROOT, WEIGHTS, bare_backbone, cpu_header, load_images, precisions_to_run,
                     require_shared)
 
 from report import metrics  # noqa: E402
@@ -119,7 +119,7 @@ def main():
                              "(the others are skipped with a line saying what the CPU lacks)")
     args = parser.parse_args()
     require_shared()
-    print_cpu_header()
+    print(cpu_header())
     precisions = precisions_to_run(args.precision)
     if not precisions:
         return

@@ -14,7 +14,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from common import print_cpu_header  # noqa: E402
+from common import cpu_header  # noqa: E402
 
 from datasets import iterate_batches, test_samples, train_samples
 from datasets.transforms import Preprocess
@@ -41,7 +41,7 @@ def main(argv=None):
     parser.add_argument("--images", type=int, default=20, help="test images timed")
     parser.add_argument("--seed", type=int, default=521)
     args = parser.parse_args(argv)
-    print_cpu_header()
+    print(cpu_header())
     set_seed(args.seed)
     config = {"method": "coreset", "arch": args.arch, "seed": args.seed, "resize": 256, "crop_size": 224,
               "coreset_ratio": args.coreset_ratio, "num_neighbors": args.num_neighbors}

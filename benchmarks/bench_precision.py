@@ -14,7 +14,7 @@ import tempfile
 
 import numpy as np
 
-from common import DATA, WEIGHTS, load_images, precisions_to_run, print_cpu_header, require_shared
+from common import DATA, WEIGHTS, cpu_header, load_images, precisions_to_run, require_shared
 
 import train  # noqa: E402
 from datasets import test_samples  # noqa: E402
@@ -62,7 +62,7 @@ def main():
     parser.add_argument("--drift_images", type=int, default=16, help="bottle test images for the feature drift")
     args = parser.parse_args()
     require_shared()
-    print_cpu_header()
+    print(cpu_header())
     precisions = ["fp32"] + [p for p in precisions_to_run(args.precision) if p != "fp32"]
     if "bf16" in precisions and paddle_support()["bf16"] is False:
         print("Paddle has no bf16 kernels for this CPU: its bf16 runs are fp32 kernels (forced through AD_CPU_FLAGS)")

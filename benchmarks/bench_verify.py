@@ -15,7 +15,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from common import print_cpu_header  # noqa: E402
+from common import cpu_header  # noqa: E402
 
 from PIL import Image  # noqa: E402
 
@@ -51,7 +51,7 @@ def main(argv=None):
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--jpeg", action="store_true")
     args = parser.parse_args(argv)
-    print_cpu_header()
+    print(cpu_header())
     train = train_samples(args.data_path, args.category)[:args.images or None]
     size = Image.open(train[0].image_path).size
     compare(f"train PNG {size[0]}x{size[1]}", train, args.repeat)

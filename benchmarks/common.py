@@ -1,4 +1,4 @@
-"""Shared pieces of the benchmark scripts: paths, the bare-backbone floor, timing."""
+"""Shared pieces of the benchmark scripts: paths, the CPU header, the bare-backbone floor, timing."""
 import os
 import sys
 import time
@@ -14,11 +14,12 @@ DATA = os.path.join(SHARED, "data", "mvtec_lite")
 from utils import UserError  # noqa: E402
 
 
-def print_cpu_header():
-    """Every benchmark's first line: the CPU and the flags that decide its precisions, so figures
-    from different machines can be read side by side."""
+def cpu_header():
+    """One line for a benchmark's header: the CPU, the flags that decide its precisions (lscpu's
+    Flags) and what runs natively (models/precision.py), so that figures from different machines
+    can be read side by side."""
     from models.precision import header_line
-    print(header_line(), flush=True)
+    return header_line()
 
 
 def precisions_to_run(text):

@@ -26,6 +26,11 @@ IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 # and 0.25-0.8 ms for np.take (which first widens the uint8 indices to int64).
 _NORM_TABLE = ((np.arange(256, dtype=np.float32)[None, :] / np.float32(255.0) - IMAGENET_MEAN[:, None])
                / IMAGENET_STD[:, None]).astype(np.float32)
+# The smallest images scored: below MIN_IMAGE_SIDE pixels on the shorter side, or longer than
+# MAX_ASPECT_RATIO times that, a picture is a strip or a dot that the network would see as an
+# upscaled blur (or a centre crop of under 1% of it): a clear error instead of a score.
+MIN_IMAGE_SIDE = 16
+MAX_ASPECT_RATIO = 100
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 
@@ -85,24 +90,38 @@ def _decode_rgb8_png(data):
     return Image.fromarray(arr)
 
 
+def check_proportions(width, height, name):
+    """A UserError for an image under the size floor (MIN_IMAGE_SIDE, MAX_ASPECT_RATIO)."""
+    short, long = min(width, height), max(width, height)
+    if short < MIN_IMAGE_SIDE:
+        raise UserError(f"image {name} is {width}x{height} pixels: its shorter side is under the "
+                        f"{MIN_IMAGE_SIDE}-pixel floor of what is scored")
+    if long > MAX_ASPECT_RATIO * short:
+        raise UserError(f"image {name} is {width}x{height} pixels: more than {MAX_ASPECT_RATIO} times longer "
+                        f"than wide, over the limit of what is scored")
+
+
 def decode_rgb(data, name="image", max_pixels=None):
     """Encoded image bytes (a file's, or a request body) -> 8-bit RGB PIL image; any mode
     (grayscale, palette, RGBA, 16-bit) is converted. With `max_pixels`, an image whose header
-    announces more pixels raises ImageTooLarge before anything is decoded."""
+    announces more pixels raises ImageTooLarge before anything is decoded; one under the size
+    floor (check_proportions) is a UserError, also from its header alone."""
     if not data:
         raise UserError(f"cannot read image {name}: it is empty")
-    if max_pixels is not None:
-        width, height = _header(data, name).size
-        if width * height > max_pixels:
-            raise ImageTooLarge(f"image {name} is too large: {width}x{height} pixels, more than the limit "
-                                f"of {max_pixels}")
+    width, height = _header(data, name).size
+    if max_pixels is not None and width * height > max_pixels:
+        raise ImageTooLarge(f"image {name} is too large: {width}x{height} pixels, more than the limit "
+                            f"of {max_pixels}")
+    check_proportions(width, height, name)
     fast = _decode_rgb8_png(data)
     if fast is not None:
         return fast
     img = _open(data, name)
     if img.mode in ("I;16", "I;16B", "I"):
         arr = np.asarray(img, dtype=np.float64)
-        arr = (arr / max(arr.max(), 1.0) * 255.0).astype(np.uint8)
+        arr /= max(arr.max(), 1.0)  # in place: the same values, one float64 copy instead of three
+        arr *= 255.0
+        arr = arr.astype(np.uint8)
         img = Image.fromarray(arr)
     if img.mode == "RGBA" or img.mode == "LA" or (img.mode == "P" and "transparency" in img.info):
         img = img.convert("RGBA")
@@ -132,6 +151,26 @@ def _resize_crop(img, resize, crop_size, resample):
     left = int(round((w - crop_size) / 2.0))
     top = int(round((h - crop_size) / 2.0))
     return img.crop((left, top, left + crop_size, top + crop_size))
+
+
+def _centre_crop_resampled(img, resize, crop_size, resample):
+    """What _resize_crop gives, in one step: only the centre crop's box, in source coordinates,
+    is resampled to `crop_size`. Its cost follows the output, not the resized frame (a 12000x1
+    image would otherwise first become 3,072,000x256). Pillow centres each output pixel at box
+    origin + (i + 0.5) x scale with the filter's support clipped at the whole image's edges, as
+    in the full resize; only the order of its two 8-bit passes may differ (it picks the cheaper),
+    so pixels differ from resize-then-crop by the passes' rounding: at most 2 levels of 255
+    (tests/test_hardening.py). Masks keep _resize_crop: nearest neighbour would pick the other
+    pixel at exact ties, and a mask only comes beside an image that passed the size floor."""
+    w, h = img.size
+    rw, rh = _resized_size(w, h, resize)
+    left = int(round((rw - crop_size) / 2.0))
+    top = int(round((rh - crop_size) / 2.0))
+    if (w, h) == (rw, rh):
+        return img.crop((left, top, left + crop_size, top + crop_size))
+    sx, sy = w / rw, h / rh
+    return img.resize((crop_size, crop_size), resample,
+                      box=(left * sx, top * sy, (left + crop_size) * sx, (top + crop_size) * sy))
 
 
 def _resized_size(w, h, resize):
@@ -257,7 +296,9 @@ class Preprocess:
         if self.crop == "none":
             h, w = self.image_size
             return img if img.size == (w, h) else img.resize((w, h), resample)
-        return _resize_crop(img, self.resize, self.crop_size, resample)
+        if resample == Image.NEAREST:  # masks: see _centre_crop_resampled
+            return _resize_crop(img, self.resize, self.crop_size, resample)
+        return _centre_crop_resampled(img, self.resize, self.crop_size, resample)
 
     def image(self, img):
         """PIL RGB -> (float32 CHW, uint8 HWC as the network sees it)."""

@@ -8,6 +8,7 @@
 import contextlib
 import json
 import os
+import shutil
 
 import numpy as np
 
@@ -17,36 +18,61 @@ from models import build_method, check_model_matches, load_model
 from models.backbone import save_static
 from models.precision import for_model
 from models.version import version_of
-from utils import UserError, atomic_path
+from utils import UserError, atomic_dir, atomic_path
 
 
 def export_model(model_path, save_dir, onnx=False, expect=None, opset=11, precision=None):
-    """`precision`: the one infer.py and the service run it at by default (None: the model's own;
-    the deployment machine's CPU is checked when it loads the export, not this one's)."""
+    """Write the export into a folder beside `save_dir` and swap it in once complete
+    (utils.atomic_dir): the service's watcher and reloads never see half an export, and the
+    previous export serves until the new one is whole. `precision`: the one infer.py and the
+    service run it at by default (None: the model's own; the deployment machine's CPU is checked
+    when it loads the export, not this one's)."""
     state = load_model(model_path)
     if expect:
         check_model_matches(state, expect, model_path)
     if not state.get("calibration"):
         raise UserError(f"{model_path} has no calibrated thresholds; run train.py or eval.py first")
+    check_replaceable(save_dir)
     cfg = state["config"]
     run_precision = for_model(precision, cfg, runs_here=False)
     method = build_method(cfg)
-    os.makedirs(save_dir, exist_ok=True)
     shape = Preprocess.from_config(cfg).input_shape
-    model_file = save_static(method.feature_net(state), os.path.join(save_dir, "model"), shape)
     meta = {"format": DEPLOY_FORMAT, "config": cfg, "calibration": state["calibration"],
             "category": state.get("category"), "input_shape": list(shape),
             "stats_keys": sorted(state["stats"]), "version": version_of(state),
             "precision": run_precision}
     arrays = {f"stats/{k}": np.asarray(v) for k, v in state["stats"].items()}
-    with atomic_path(os.path.join(save_dir, STATS_FILE)) as tmp:
-        with open(tmp, "wb") as f:
+    with atomic_dir(save_dir) as tmp:
+        model_file = save_static(method.feature_net(state), os.path.join(tmp, "model"), shape)
+        with open(os.path.join(tmp, STATS_FILE), "wb") as f:
             np.savez(f, meta=np.frombuffer(json.dumps(meta).encode(), np.uint8), **arrays)
-    files = [model_file, os.path.join(save_dir, "model.pdiparams"), os.path.join(save_dir, STATS_FILE)]
-    if onnx:
-        files.append(export_onnx(model_file, os.path.join(save_dir, "model.pdiparams"),
-                                 os.path.join(save_dir, "model.onnx"), opset))
-    return files
+        written = [model_file, os.path.join(tmp, "model.pdiparams"), os.path.join(tmp, STATS_FILE)]
+        if onnx:
+            written.append(export_onnx(model_file, os.path.join(tmp, "model.pdiparams"),
+                                       os.path.join(tmp, "model.onnx"), opset))
+    return [os.path.join(save_dir, os.path.basename(f)) for f in written]
+
+
+def publish_export(export_dir, save_dir):
+    """Copy a finished export into the folder a service serves, swapped in whole like a new
+    export (a rollback to an earlier export, two versions taking turns in a benchmark)."""
+    check_replaceable(save_dir)
+    with atomic_dir(save_dir) as tmp:
+        for name in os.listdir(export_dir):
+            shutil.copy2(os.path.join(export_dir, name), tmp)
+
+
+def check_replaceable(save_dir):
+    """The export replaces the whole folder: refuse one that holds anything but an export's files."""
+    if not os.path.isdir(save_dir):
+        if os.path.lexists(save_dir):
+            raise UserError(f"--save_dir {save_dir} is not a folder")
+        return
+    others = sorted(n for n in os.listdir(save_dir) if not (n == STATS_FILE or n.startswith("model.")))
+    if others:
+        raise UserError(f"--save_dir {save_dir} holds other files than an export ({', '.join(others[:3])}"
+                        f"{', ...' if len(others) > 3 else ''}), which the export would replace; "
+                        f"give a new or empty folder")
 
 
 def export_onnx(model_file, params_file, onnx_path, opset):

@@ -1,8 +1,8 @@
 """Load an exported model (see deploy/export.py for its files) and run it.
 
 infer.py and the service need only the exported files: the feature network runs on Paddle
-Inference (or ONNX Runtime), the post-processing is the same module predict.py uses
-(models/postprocess.py).
+Inference (or ONNX Runtime, or OpenVINO: deploy/openvino_engine.py), the post-processing is the
+same module predict.py uses (models/postprocess.py).
 """
 import json
 import os
@@ -19,6 +19,7 @@ from utils import UserError
 
 STATS_FILE = "stats.npz"
 DEPLOY_FORMAT = "paddle-anomaly-deploy/1"
+BACKENDS = ("paddle", "onnxruntime", "openvino")  # infer.py --backend
 
 
 def load_stats(path):
@@ -35,14 +36,18 @@ def load_stats(path):
     return meta, stats
 
 
+def exported_version(meta):
+    """The model version an export records (models/version.py); None for exports made before
+    versions existed."""
+    return (meta.get("version") or {}).get("id")
+
+
 class OnnxEngine:
     def __init__(self, onnx_path, cpu_threads=None):
         try:
             import onnxruntime as ort
         except ImportError:
             raise UserError("--backend onnxruntime needs onnxruntime (pip install onnxruntime)") from None
-        if not os.path.isfile(onnx_path):
-            raise UserError(f"ONNX model not found: {onnx_path} (export with --onnx)")
         opts = ort.SessionOptions()
         if cpu_threads:
             opts.intra_op_num_threads = cpu_threads
@@ -51,6 +56,19 @@ class OnnxEngine:
 
     def __call__(self, images):
         return self.session.run(None, {self.input_name: np.ascontiguousarray(images, np.float32)})
+
+
+def onnx_engine(backend, onnx_path, cpu_threads=None, precision="fp32", use_gpu=False, **_paddle_only):
+    """The engine of an ONNX backend over the exported model.onnx (`_paddle_only`: the Paddle
+    Inference flags, mkldnn and ir_optim, which these runtimes do not have)."""
+    if not os.path.isfile(onnx_path):
+        raise UserError(f"ONNX model not found: {onnx_path} (export with --onnx; --backend {backend} reads it)")
+    if use_gpu:
+        raise UserError(f"--backend {backend} runs on the CPU here; --use_gpu needs --backend paddle")
+    if backend == "openvino":
+        from deploy.openvino_engine import OpenVinoEngine  # openvino is imported only when asked for
+        return OpenVinoEngine(onnx_path, cpu_threads, precision)
+    return OnnxEngine(onnx_path, cpu_threads)
 
 
 def resolve_files(model_dir=None, model_file=None, params_file=None, stats=None):
@@ -74,6 +92,8 @@ def load_deployed(model_file, params_file, stats_path, backend="paddle", **confi
     meta, stats = load_stats(stats_path)
     set_cpu_threads(config_kwargs.get("cpu_threads"))  # scoring follows --cpu_threads too
     cfg = meta["config"]
+    if backend not in BACKENDS:
+        raise UserError(f"unknown --backend {backend}; choose {', '.join(BACKENDS)}")
     # By default the precision export_model.py recorded (the model's own unless exported with --precision).
     chosen = for_model(config_kwargs.get("precision"), cfg, config_kwargs.get("use_gpu", False),
                        default=meta.get("precision"))
@@ -84,10 +104,8 @@ def load_deployed(model_file, params_file, stats_path, backend="paddle", **confi
                         f"--backend paddle")
     if backend == "paddle":
         engine = InferenceEngine(model_file, params_file, **config_kwargs)
-    elif backend == "onnxruntime":
-        engine = OnnxEngine(os.path.join(os.path.dirname(model_file), "model.onnx"), config_kwargs.get("cpu_threads"))
     else:
-        raise UserError(f"unknown --backend {backend}; choose paddle or onnxruntime")
+        engine = onnx_engine(backend, os.path.join(os.path.dirname(model_file), "model.onnx"), **config_kwargs)
     method = build_method(cfg)
     preprocess = Preprocess.from_config(cfg)
     detector = Detector.for_method(method, engine, stats, preprocess.map_size, meta["calibration"],

@@ -21,7 +21,7 @@ import numpy as np  # noqa: E402
 from models.efficientad import EfficientAD  # noqa: E402
 from models.padim import PROJECTIONS, PaDiM  # noqa: E402
 from models.patchcore import PatchCore  # noqa: E402
-from models.version import stamp_version  # noqa: E402
+from models.version import stamp_version, version_of  # noqa: E402
 from utils import UserError, atomic_path, load_pdparams  # noqa: E402
 
 MODEL_FORMAT = "paddle-anomaly-model/1"
@@ -54,9 +54,12 @@ def save_model(path, state):
 
 
 def load_model(path):
-    return load_pdparams(path, "model file", missing=f"model file not found: {path} (train it first, or pass --model_path)",
-                         marker=MODEL_FORMAT,
-                         wrong=f"{path} is not a model written by train.py (no '{MODEL_FORMAT}' marker)")
+    state = load_pdparams(path, "model file", missing=f"model file not found: {path} (train it first, or pass --model_path)",
+                          marker=MODEL_FORMAT,
+                          wrong=f"{path} is not a model written by train.py (no '{MODEL_FORMAT}' marker)")
+    if "version" not in state:  # saved before versions: its id now, so that an update names it as parent
+        state["version"] = version_of(state)
+    return state
 
 
 def check_model_matches(state, config, path):

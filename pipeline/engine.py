@@ -13,22 +13,23 @@ from report.results import print_reports, write_category_metrics, write_results
 from utils import UserError, fmt
 
 
-def run_categories(args, work, title):
-    """Run `work(args, category)` over the selected categories. A failing category is reported
-    and skipped; the finished ones keep their models and rows. Exit code 1 if any failed.
-    With --report, the report package takes each category as it finishes and swaps the report in at the end."""
+def run_categories(args, work, title, categories=None):
+    """Run `work(args, category)` over the selected categories (`categories`, else those --category
+    selects in the data). A failing category is reported and skipped; the finished ones keep their
+    models and rows. Exit code 1 if any failed. With --report, the report package takes each
+    category as it finishes and swaps the report in at the end."""
     if not getattr(args, "report", False):
-        return run_each_category(args, work, title)
+        return run_each_category(args, work, title, categories=categories)
     with report.ReportBuilder(args.save_path, args.data_path, progress=not args.no_progress) as builder:
-        code = run_each_category(args, work, title, on_result=builder.add)
+        code = run_each_category(args, work, title, on_result=builder.add, categories=categories)
         if builder.categories:
             builder.finish()
     return code
 
 
-def run_each_category(args, work, title, on_result=None):
+def run_each_category(args, work, title, on_result=None, categories=None):
     dataset = open_dataset(args)
-    categories = dataset.categories(args.category)
+    categories = categories or dataset.categories(args.category)
     plan = scaleout.plan_categories(args, dataset, categories, title)  # a plain run: all, as before
     results, failed = [], []
     for category in plan.categories:

@@ -16,7 +16,8 @@ from datasets.mvtec import has_masks
 from datasets.transforms import Preprocess
 from models import build_method, check_model_matches, load_model, precision, save_model
 from models.backbone import make_engine
-from models.postprocess import Detector
+from models.postprocess import Detector, normalize
+from models.version import version_of
 from utils import UserError
 
 
@@ -28,12 +29,28 @@ def detector_for(state, engine, method):
 
 def normal_calibration(scores, maps, count):
     """Thresholds from normal images only: the largest score seen, so every held-out normal
-    image and pixel is below threshold."""
+    image and pixel is at most the threshold."""
     top = float(maps.max())
-    return {"image_threshold": float(scores.max()), "pixel_threshold": top,
-            "image_min": float(scores.min()), "image_max": float(scores.max()),
-            "pixel_min": float(maps.min()), "pixel_max": top,
-            "source": f"max over {count} held-out normal training images"}
+    calib = {"image_threshold": float(scores.max()), "pixel_threshold": top,
+             "image_min": float(scores.min()), "image_max": float(scores.max()),
+             "pixel_min": float(maps.min()), "pixel_max": top,
+             "source": f"max over {count} held-out normal training images"}
+    calib["validation"] = validation_answers(scores, np.zeros(len(scores), np.int64), calib)
+    return calib
+
+
+def validation_answers(scores, labels, calib):
+    """What the model answers on the images its thresholds were set on, as the service counts
+    its answers (Detector.calibrated): the share called anomalous, over all of them and over the
+    good ones, and the good ones' median calibrated score. The service shows its own share
+    beside these (GET /models, /metrics): a line drifting away from them shows there first."""
+    scores, good = np.asarray(scores, np.float32), np.asarray(labels) == 0
+    anomalous = scores >= calib["image_threshold"]
+    calibrated = normalize(scores, calib["image_threshold"], calib["image_min"], calib["image_max"])
+    return {"images": int(len(scores)), "anomalous_share": float(anomalous.mean()),
+            "good_images": int(good.sum()),
+            "good_anomalous_share": float(anomalous[good].mean()) if good.any() else None,
+            "good_score_median": float(np.median(calibrated[good])) if good.any() else None}
 
 
 def evaluate_category(args, category, detector, preprocess, dataset=None):
@@ -96,6 +113,7 @@ def evaluate_category(args, category, detector, preprocess, dataset=None):
                                f"pixel threshold the max over its {normals} normal test images")
         else:
             calib["pixel_threshold"] = metrics.f1_optimal_threshold(masks, maps)
+        calib["validation"] = validation_answers(scores, labels, calib)
     else:
         calib = normal_calibration(scores[labels == 0], maps[labels == 0], int((labels == 0).sum()))
     result["calibration"] = calib
@@ -153,22 +171,41 @@ def eval_category(args, category):
     elif keeps_stored:
         report.apply_thresholds(result, state["calibration"])  # the report shows what predict.py outputs
     result["config"] = state["config"]
+    return with_version(result, state)
+
+
+def with_version(result, state):
+    """The model version a result was made with, into its metrics file (metrics/<category>.json)."""
+    result["version"] = version_of(state)
+    result["model_version"] = result["version"]["id"]
     return result
 
 
 # ---------------------------------------------------------------- prediction
-def predict_images(args, paths):
-    """Calibrated prediction per image; writes map (.npy), mask (.png) and overlay figure."""
+def predict_images(args, paths, unreadable):
+    """Calibrated prediction per image; writes map (.npy), mask (.png) and overlay figure; with
+    --report also the review page <output_dir>/report/index.html. Files that cannot be read are
+    named and skipped (`unreadable`: datasets.unreadable.UnreadableImages)."""
     if args.category is None:
         raise UserError("--category is required (it selects <model_path>/<category>.pdparams)")
     state, detector, model_path = load_detector(args, args.category)
     if not state.get("calibration"):
         raise UserError(f"{model_path} has no calibrated thresholds; run eval.py on it first")
     preprocess = Preprocess.from_config(state["config"])
+    version = version_of(state)
     records = []
     stems = visualize.output_stems(paths)
-    for path in tqdm(paths, desc="predict", unit="img", disable=args.no_progress or len(paths) < 2, leave=False):
-        chw, rgb = preprocess.load(path)
-        pred = detector.predict(chw[None])[0]
-        records.append(visualize.write_prediction(args.output_dir, path, stems[path], rgb, pred, args.save_pic, args.overwrite))
+    with report.review_page(args.output_dir, args.report, args.overwrite, ", ".join(args.inputs)) as page:
+        for path in tqdm(paths, desc="predict", unit="img", disable=args.no_progress or len(paths) < 2, leave=False):
+            loaded = unreadable.load(preprocess, path)
+            if loaded is None:
+                continue
+            chw, rgb = loaded
+            pred = detector.predict(chw[None])[0]
+            records.append(visualize.write_prediction(args.output_dir, path, stems[path], rgb, pred, args.save_pic,
+                                                      args.overwrite, version["id"]))
+            if page:
+                page.add_prediction(args.category, path, stems[path], rgb, pred, state["config"], version)
+        if page:
+            page.finish()
     return records

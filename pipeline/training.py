@@ -9,7 +9,7 @@ from pipeline.cli import engine_kwargs, method_config, model_path_for, runtime_c
 from datasets import iterate_batches, open_dataset
 from datasets.transforms import Preprocess
 from datasets.verify import check_samples
-from pipeline.evaluation import detector_for, evaluate_category, normal_calibration
+from pipeline.evaluation import detector_for, evaluate_category, normal_calibration, with_version
 from models import build_method, precision, save_model
 from models.padim_sums import save_sums
 from utils import UserError, fmt, peak_rss_mb, set_seed
@@ -87,7 +87,7 @@ def train_category(args, category):
     if sums is not None:  # before the model: an update never reads sums older than their model
         save_sums(model_path_for(args, category), sums, cfg)
     save_model(model_path_for(args, category), state)
-    return result
+    return with_version(result, state)
 
 
 def resolve_precision(args):

@@ -1,4 +1,6 @@
-"""ReportBuilder: the report of one evaluation run, built a category at a time."""
+"""ReportBuilder: the report of one evaluation run, built a category at a time, or the review
+page of predict.py / infer.py --report, built an image at a time."""
+import contextlib
 import json
 import os
 import shutil
@@ -9,11 +11,12 @@ from concurrent.futures import ThreadPoolExecutor
 from tqdm import tqdm
 
 from report.metrics import classification_report
-from models.postprocess import normalize
+from models.postprocess import normalize, prediction_fields
 
-from .files import LABEL_NAMES, OUTCOMES, outcome_of, write_image_files
+from .files import LABEL_NAMES, OUTCOMES, outcome_of, write_calibrated_files, write_image_files
 from .page import render_report
 from .plots import write_plots
+from utils import refuse_overwrite
 
 
 def add_report_args(parser):
@@ -22,8 +25,26 @@ def add_report_args(parser):
                              "of every test image, plus report/predictions.json (implies --eval_PRO)")
 
 
+def add_review_args(parser, out_dir):
+    """predict.py / infer.py --report; `out_dir` names the flag the page goes under."""
+    parser.add_argument("--report", action="store_true",
+                        help=f"also write {out_dir}/report/index.html: the review page of these images (gallery "
+                             f"sorted by score, heat maps, marks good/defect that download as review.json for "
+                             f"train.py --update --from_review)")
+
+
 def report_dir(save_path):
     return os.path.join(save_path, "report")
+
+
+def review_page(out_dir, enabled, overwrite, data_name):
+    """predict.py / infer.py --report: a ReportBuilder for <out_dir>/report (a context that
+    discards an unfinished page), or a context of None without the flag. An earlier page there
+    is kept unless --overwrite, like the prediction files beside it."""
+    if not enabled:
+        return contextlib.nullcontext()
+    refuse_overwrite([report_dir(out_dir)], overwrite)
+    return ReportBuilder(out_dir, progress=False, data_name=data_name)
 
 
 def apply_thresholds(result, calibration):
@@ -50,21 +71,27 @@ def metric_row(result):
 
 
 class ReportBuilder:
-    """Takes one category at a time (so its arrays can be freed) and writes into a temporary
+    """Takes one evaluated category at a time (so its arrays can be freed), or one predicted
+    image at a time (add_prediction: a line's folder may be long), and writes into a temporary
     folder beside <save_path>/report; finish() swaps that in whole, so a failed or interrupted
-    run leaves the previous report untouched."""
+    run leaves the previous report untouched.
 
-    def __init__(self, save_path, data_root, progress=True, workers=2):
+    `data_root`: evaluation images are named relative to it (the page stays portable);
+    predictions keep their paths as given on the command line and `data_name` says what they were."""
+
+    def __init__(self, save_path, data_root=None, progress=True, workers=2, data_name=None):
         os.makedirs(save_path, exist_ok=True)
         self.target = report_dir(save_path)
         self.run_name = os.path.basename(os.path.abspath(save_path))
         self.data_root = data_root
+        self.data_name = data_name or os.path.basename(os.path.abspath(data_root or "."))
         self.progress = progress
         self.workers = workers
         self.tmp = tempfile.mkdtemp(prefix=".report.", dir=save_path)
         os.chmod(self.tmp, 0o755)  # mkdtemp's 0700 would make the report private once renamed
-        self.categories = []      # {"name", "config", "row", "plots", "no_masks"}
+        self.categories = []      # {"name", "config", "version", "row", "plots", "no_masks"}
         self.records = []         # predictions.json, also what the gallery cards show
+        self.kind = None          # "evaluation" (labelled) or "predictions": one page is one kind
         self.seconds = 0.0
 
     def __enter__(self):
@@ -76,16 +103,24 @@ class ReportBuilder:
     def discard(self):
         shutil.rmtree(self.tmp, ignore_errors=True)
 
+    def _start(self, kind, category, config, version, **extra):
+        if self.kind not in (None, kind):
+            raise ValueError(f"a report holds evaluations or predictions, not both ({self.kind} then {kind})")
+        self.kind = kind
+        for folder in ("images", "heat", "maps", "masks") + (("plots",) if kind == "evaluation" else ()):
+            os.makedirs(os.path.join(self.tmp, folder, category), exist_ok=True)
+        self.categories.append({"name": category, "config": config or {}, "version": version, **extra})
+        return self.categories[-1]
+
     def add(self, result):
         t0 = time.perf_counter()
         a, c, category = result["arrays"], result["calibration"], result["category"]
         if a.get("rgbs") is None:
             raise ValueError("evaluation ran without the report flag: no test images kept")
         no_masks = bool(result.get("no_masks"))
-        for kind in ("plots", "images", "heat", "maps", "masks"):
-            os.makedirs(os.path.join(self.tmp, kind, category), exist_ok=True)
-        self.categories.append({"name": category, "config": result.get("config") or {}, "no_masks": no_masks,
-                                "row": metric_row(result), "plots": write_plots(self.tmp, category, result)})
+        entry = self._start("evaluation", category, result.get("config"), result.get("version"), no_masks=no_masks,
+                            row=metric_row(result))
+        entry["plots"] = write_plots(self.tmp, category, result)
         pred_scores = normalize(a["scores"], c["image_threshold"], c["image_min"], c["image_max"])
         stems = [f"{category}/{p['defect_type']}_{os.path.splitext(os.path.basename(p['image_path']))[0]}"
                  for p in result["predictions"]]
@@ -106,14 +141,24 @@ class ReportBuilder:
                 "raw_score": round(float(score), 6), "outcome": outcome_of(p["label"], pred), **f})
         self.seconds += time.perf_counter() - t0
 
+    def add_prediction(self, category, image_path, stem, rgb, pred, config=None, version=None):
+        """One image of predict.py / infer.py --report: `pred` is the calibrated prediction they
+        print (Detector.calibrated), `image_path` as given on the command line. No label, so no
+        metrics; the files are written now and only the record is kept."""
+        t0 = time.perf_counter()
+        if category not in {cat["name"] for cat in self.categories}:
+            self._start("predictions", category, config, version)
+        files = write_calibrated_files(self.tmp, f"{category}/{stem}", rgb, pred["anomaly_map"], pred["pred_mask"])
+        self.records.append({"image_path": image_path, "category": category, **prediction_fields(pred), **files})
+        self.seconds += time.perf_counter() - t0
+
     def finish(self):
         """Write the page and predictions.json, then swap the folder in for <save_path>/report."""
         t0 = time.perf_counter()
         with open(os.path.join(self.tmp, "predictions.json"), "w", encoding="utf-8") as f:
             json.dump(self.records, f, indent=1)
         with open(os.path.join(self.tmp, "index.html"), "w", encoding="utf-8") as f:
-            f.write(render_report(self.run_name, os.path.basename(os.path.abspath(self.data_root)),
-                                  self.categories, self.records))
+            f.write(render_report(self.run_name, self.data_name, self.categories, self.records))
         replace_dir(self.tmp, self.target)
         self.seconds += time.perf_counter() - t0
         size = sum(os.path.getsize(os.path.join(d, n)) for d, _, names in os.walk(self.target) for n in names)

@@ -55,6 +55,12 @@ def write_image_files(root, stem, rgb, raw_map, gt_mask, calibration):
     without masks) draws no ground-truth outline. -> paths relative to `root`."""
     c = calibration
     calibrated = normalize(raw_map, c["pixel_threshold"], c["pixel_min"], c["pixel_max"])
+    return write_calibrated_files(root, stem, rgb, calibrated, raw_map >= c["pixel_threshold"], gt_mask)
+
+
+def write_calibrated_files(root, stem, rgb, calibrated, pred_mask, gt_mask=None):
+    """The same files from a calibrated map and predicted mask (what predict.py and infer.py
+    answer: the page shows the very numbers they print)."""
     image = rgb.copy()
     heat = ((rgb.astype(np.uint16) + JET[(calibrated * 255 + 0.5).astype(np.uint8)]) >> 1).astype(np.uint8)
     if gt_mask is not None:
@@ -67,5 +73,5 @@ def write_image_files(root, stem, rgb, raw_map, gt_mask, calibration):
     files["anomaly_map"] = f"maps/{stem}.png"
     save_map_png16(os.path.join(root, files["anomaly_map"]), calibrated)
     files["pred_mask"] = f"masks/{stem}.png"
-    Image.fromarray(raw_map >= c["pixel_threshold"]).save(os.path.join(root, files["pred_mask"]))
+    Image.fromarray(np.asarray(pred_mask).astype(bool)).save(os.path.join(root, files["pred_mask"]))
     return files

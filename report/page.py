@@ -1,7 +1,9 @@
 """The report's HTML page. Its style and script are real files beside this module (page.css,
 gallery.js), inlined when the page is written so that the report folder needs nothing else."""
 import datetime
+import hashlib
 import html
+import json
 import os
 import platform
 from importlib import metadata
@@ -11,13 +13,16 @@ import numpy as np
 
 from utils import fmt
 
-from .files import JET, MAP_BITS, OUTCOMES
+from .files import JET, LABEL_NAMES, MAP_BITS, OUTCOMES
+from .review import MARKS, REVIEW_FORMAT
 
 STATIC_DIR = os.path.dirname(os.path.abspath(__file__))
 PANELS = (("image", "image + ground truth"), ("heat_map", "heat map (0.5 = threshold)"),
           ("pred_mask", "predicted mask"))
 LIBRARIES = ("paddlepaddle", "paddlepaddle-gpu", "numpy", "scipy", "scikit-learn", "scikit-image",
              "opencv-python-headless", "opencv-python", "pillow", "matplotlib")
+MARK_TITLES = {"good": "a normal part the model flagged (false alarm): key g",
+               "defect": "a defective part the model passed (miss): key d"}
 NO_MASKS = "no masks"                               # shown instead of a metric that needs masks
 MASK_METRICS = ("pixel_AUROC", "PRO", "pixel_F1")   # blank for a category without masks
 
@@ -72,9 +77,32 @@ def run_config(run_name, data_name, categories):
     for key in dict.fromkeys(keys):
         values = dict.fromkeys(str(cat["config"].get(key, "")) for cat in categories)
         config["weights" if key == "backbone_weights" else key] = ", ".join(values)
+    versions = model_versions(categories)
+    if versions:
+        config["model version"] = ", ".join(v if len(categories) == 1 else f"{name} {v}"
+                                            for name, v in versions.items())
     config["date"] = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     config.update(library_versions())
     return config
+
+
+def model_versions(categories):
+    """{category: version id (and the id it was updated from)} of the categories that have one."""
+    out = {}
+    for cat in categories:
+        v = cat.get("version")
+        if v:
+            out[cat["name"]] = v["id"] + (f" (from {v['parent']})" if v.get("parent") else "")
+    return out
+
+
+def review_key(run_name, categories, records):
+    """Where the page keeps its marks (localStorage): the models' versions and a hash of the run
+    and its images, so that a page made again over the same images by the same model finds them
+    and another page does not."""
+    ids = "+".join(cat["version"]["id"] for cat in categories if cat.get("version")) or "unversioned"
+    digest = hashlib.sha256(json.dumps([run_name, [r["image_path"] for r in records]]).encode()).hexdigest()
+    return f"anomaly-review/{ids}/{digest[:12]}"
 
 
 METRIC_COLUMNS = (("image_AUROC", "image AUROC", 4), ("pixel_AUROC", "pixel AUROC", 4), ("PRO", "PRO", 4),
@@ -118,16 +146,28 @@ def render_plots(cat):
                    for kind, path in cat["plots"].items())
 
 
-def render_card(r, no_masks=False):
+def render_card(r, order, no_masks=False, version=None):
+    """One gallery card; an evaluated image shows its outcome and true label, a predicted one
+    (predict.py / infer.py --report) its predicted label only."""
     panels = ((key, "image" if no_masks and key == "image" else alt) for key, alt in PANELS)
     images = "".join(f'<img loading="lazy" decoding="async" src="{url(r[key])}" '
                      f'data-full="{url(r.get(key + "_full", r[key]))}" alt="{esc(alt)}">'
                      for key, alt in panels)
-    return (f'<div class="card" tabindex="0" data-path="{esc(r["image_path"])}" data-category="{esc(r["category"])}" '
-            f'data-defect="{esc(r["defect_type"])}" data-score="{r["pred_score"]:.6f}" data-outcome="{r["outcome"]}">'
-            f'<div class="imgs">{images}</div><div class="meta"><b>{r["pred_score"]:.3f}</b> '
-            f'<span class="o {r["outcome"]}">{r["outcome"]}</span> predicted {r["pred_label"]}, '
-            f'true {r["label"]}<br>{esc(r["defect_type"])} \u00b7 {esc(r["image_path"])}</div></div>')
+    labelled = "outcome" in r
+    data = {"path": r["image_path"], "order": order, "category": r["category"], "score": f'{r["pred_score"]:.6f}',
+            "pred": r["pred_label"], "version": version or "", "mark": "none"}
+    if labelled:
+        data.update(defect=r["defect_type"], outcome=r["outcome"])
+        verdict = (f'<span class="o {r["outcome"]}">{r["outcome"]}</span> predicted {r["pred_label"]}, '
+                   f'true {esc(r["label"])}<br>{esc(r["defect_type"])} \u00b7 ')
+    else:
+        verdict = f'<span class="o {r["pred_label"]}">{r["pred_label"]}</span><br>'
+    attrs = "".join(f' data-{k}="{esc(v)}"' for k, v in data.items())
+    marks = "".join(f'<button type="button" class="mark" data-set="{m}" title="{MARK_TITLES[m]}">{m}</button>'
+                    for m in MARKS)
+    return (f'<div class="card" tabindex="0"{attrs}><div class="imgs">{images}</div>'
+            f'<div class="meta"><b>{r["pred_score"]:.3f}</b> {verdict}{esc(r["image_path"])}'
+            f'<span class="marks">{marks}</span></div></div>')
 
 
 def options(label, element_id, values):
@@ -136,32 +176,71 @@ def options(label, element_id, values):
 
 
 def render_report(run_name, data_name, categories, records):
+    """The report of an evaluation (metrics, curves, outcomes) or, when the categories carry no
+    metrics (predict.py / infer.py --report), the review page of unlabelled predictions: the same
+    gallery, sorted by score, filtered by predicted label."""
+    labelled = all(cat.get("row") is not None for cat in categories)
     config = run_config(run_name, data_name, categories)
     gradient = ",".join(f"rgb({r},{g},{b})" for r, g, b in JET[::32].tolist() + [JET[-1].tolist()])
-    plots = "".join(f'<h2>{esc(cat["name"])}</h2><div class="plots">{render_plots(cat)}</div>' for cat in categories)
+    scale = f'<span class="scale" style="background:linear-gradient(to right,{gradient})"></span>'
     no_masks = [cat["name"] for cat in categories if cat.get("no_masks")]
-    no_masks_note = (f" {esc(', '.join(no_masks))}: {NO_MASKS} (image labels only), so no outlines, "
-                     f"pixel AUROC, PRO or pixel F1." if no_masks else "")
-    sort = ('<label>sort <select id="sort"><option value="path:asc">dataset order</option>'
-            '<option value="score:desc">score, high first</option>'
-            '<option value="score:asc">score, low first</option></select></label>')
-    body = f"""<header><h1>Anomaly detection report: {esc(run_name)}</h1>
+    versions = {cat["name"]: cat["version"]["id"] for cat in categories if cat.get("version")}
+    if labelled:
+        title, intro = f"Anomaly detection report: {run_name}", labelled_intro(categories, no_masks, scale)
+        filters = (f'{options("defect type", "filter-defect", sorted({r["defect_type"] for r in records}))}\n'
+                   f'{options("outcome", "filter-outcome", OUTCOMES)}')
+        cards = list(enumerate(records))
+    else:
+        title = f"Review of predictions: {run_name}"
+        intro = (f'<p class="muted">{len(records)} images predicted by the model, no labels: sorted by score, high '
+                 f'first. Scores are calibrated: 0.5 is the image threshold. Heat maps share one scale with the pixel '
+                 f'threshold at the middle: {scale} <code>predictions.json</code> lists every image with its '
+                 f'files.</p></header>')
+        filters = ""
+        cards = sorted(enumerate(records), key=lambda nr: -nr[1]["pred_score"])  # stable: input order among ties
+    orders = (("score:desc", "score, high first"), ("score:asc", "score, low first"),
+              ("order:asc", "dataset order" if labelled else "input order"))
+    orders = orders[2:] + orders[:2] if labelled else orders  # the first is the order the cards come in
+    sort = ('<label>sort <select id="sort">' + "".join(f'<option value="{v}">{name}</option>' for v, name in orders)
+            + "</select></label>")
+    review = review_bar(run_name, categories, records, labelled, versions)
+    body = f"""<header><h1>{esc(title)}</h1>
 <div class="config">{"".join(f"<span><b>{esc(k)}</b> {esc(v)}</span>" for k, v in config.items())}</div>
-<h2>Metrics</h2>{metrics_table(categories)}
-<p class="muted">Image metrics at the image threshold; rates in the last row are means over categories,
-counts are totals. Scores in the gallery are calibrated: 0.5 is the image threshold.
-Heat maps share one scale per category with the pixel threshold at the middle:
-<span class="scale" style="background:linear-gradient(to right,{gradient})"></span>
-Ground truth is outlined in magenta.{no_masks_note} <code>predictions.json</code> lists every image with its files;
-<code>maps/</code> hold 16-bit PNGs (value / 65535 = calibrated score, {MAP_BITS}-bit precision),
-<code>masks/</code> the predicted masks.</p></header>
-<details open><summary>Curves per category</summary><section>{plots}</section></details>
+{intro}
 <div class="controls">{options("category", "filter-category", [c["name"] for c in categories])}
-{options("defect type", "filter-defect", sorted({r["defect_type"] for r in records}))}
-{options("outcome", "filter-outcome", OUTCOMES)}{sort}<span id="shown" class="muted"></span></div>
+{filters}{options("predicted", "filter-pred", LABEL_NAMES)}
+{options("mark", "filter-mark", MARKS + ("none",))}{sort}<span id="shown" class="muted"></span>
+{review}</div>
 <div id="gallery">
-{chr(10).join(render_card(r, r["category"] in no_masks) for r in records)}
+{chr(10).join(render_card(r, n, r["category"] in no_masks, versions.get(r["category"]))
+             for n, r in cards)}
 </div>
 <div id="viewer" hidden><div class="imgs"></div><div class="caption"></div>
 <div class="muted">click or Esc to close</div></div>"""
-    return render_page(f"Report {run_name}", body, "gallery.js")
+    return render_page(f"{'Report' if labelled else 'Review'} {run_name}", body, "gallery.js")
+
+
+def review_bar(run_name, categories, records, labelled, versions):
+    """The marks' counter and download button; its data-* say what review.json records (gallery.js)."""
+    single = next(iter(versions.values())) if len(set(versions.values())) == 1 else ""
+    return (f'<div id="review" data-key="{esc(review_key(run_name, categories, records))}" '
+            f'data-format="{REVIEW_FORMAT}" data-report="{esc(run_name)}" '
+            f'data-paths="{"data_path" if labelled else ""}" data-version="{esc(single)}">'
+            f'<span id="marked" class="muted"></span> <button type="button" id="download">download review.json</button> '
+            f'<span class="muted">mark: click <b>good</b> (a false alarm) or <b>defect</b> (a miss), or keys '
+            f'<kbd>j</kbd>/<kbd>k</kbd> move, <kbd>g</kbd> good, <kbd>d</kbd> defect, <kbd>u</kbd> unmark</span></div>')
+
+
+def labelled_intro(categories, no_masks, scale):
+    plots = "".join(f'<h2>{esc(cat["name"])}</h2><div class="plots">{render_plots(cat)}</div>' for cat in categories)
+    no_masks_note = (f" {esc(', '.join(no_masks))}: {NO_MASKS} (image labels only), so no outlines, "
+                     f"pixel AUROC, PRO or pixel F1." if no_masks else "")
+    return f"""<h2>Metrics</h2>{metrics_table(categories)}
+<p class="muted">Image metrics at the image threshold; rates in the last row are means over categories,
+counts are totals. Scores in the gallery are calibrated: 0.5 is the image threshold.
+Heat maps share one scale per category with the pixel threshold at the middle:
+{scale}
+Ground truth is outlined in magenta.{no_masks_note} <code>predictions.json</code> lists every image with its files;
+<code>maps/</code> hold 16-bit PNGs (value / 65535 = calibrated score, {MAP_BITS}-bit precision),
+<code>masks/</code> the predicted masks.</p></header>
+<details open><summary>Curves per category</summary><section>{plots}</section></details>"""

@@ -78,8 +78,9 @@ def prediction_paths(out_dir, stem):
             "overlay": os.path.join(out_dir, f"{stem}_overlay.png")}
 
 
-def write_prediction(out_dir, image_path, stem, rgb, pred, save_pic, overwrite):
-    """Shared by predict.py and infer.py: same files, same JSON record."""
+def write_prediction(out_dir, image_path, stem, rgb, pred, save_pic, overwrite, model_version=None):
+    """Shared by predict.py and infer.py: same files, same JSON record (with the version of the
+    model that answered)."""
     files = prediction_paths(out_dir, stem)
     if not save_pic:
         files.pop("overlay")
@@ -92,6 +93,6 @@ def write_prediction(out_dir, image_path, stem, rgb, pred, save_pic, overwrite):
         save_prediction_figure(files["overlay"], rgb, pred["anomaly_map"], pred["pred_mask"],
                                title=f"{os.path.basename(image_path)}  score {pred['pred_score']:.3f}  "
                                      f"{'anomalous' if pred['pred_label'] else 'normal'}")
-    record = {"image_path": image_path, **prediction_fields(pred), **files}
+    record = {"image_path": image_path, **prediction_fields(pred), "model_version": model_version, **files}
     print(json.dumps(record))
     return record

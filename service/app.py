@@ -21,6 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from datasets.transforms import ImageTooLarge
 from models.postprocess import prediction_fields
 from service.metrics import CONTENT_TYPE, ServiceMetrics
+from service.uploads import BodyBudget, BodyRefused, image_bytes, received_body
 from service.workers import Overloaded
 from utils import UserError
 
@@ -34,6 +35,8 @@ class Limits:
     max_body_bytes: int = 20 * 2**20
     max_pixels: int = 40_000_000
     retry_after_s: int = 1
+    body_timeout_s: float = 10.0
+    max_body_buffer_bytes: int = 256 * 2**20  # all bodies held at once (service/uploads.BodyBudget)
 
 
 class ApiError(Exception):
@@ -55,7 +58,8 @@ def png_base64(gray_u8):
 def prediction_record(worker, pred, with_map):
     """infer.py's JSON fields (visualize.write_prediction), plus the category and model; with
     `with_map` the calibrated map (0..1 as 0..255, 0.5 = threshold) and the mask as PNGs."""
-    record = {"category": worker.category, "model": worker.model_name, **prediction_fields(pred)}
+    record = {"category": worker.category, "model": worker.model_name, "model_version": worker.version["id"],
+              **prediction_fields(pred)}
     if with_map:
         heat = np.rint(np.clip(pred["anomaly_map"], 0.0, 1.0) * 255.0).astype(np.uint8)
         record["anomaly_map_png"] = png_base64(heat)
@@ -64,29 +68,14 @@ def prediction_record(worker, pred, with_map):
     return record
 
 
-async def read_body(request, limit):
-    """The body, refused with 413 as soon as it is known to exceed `limit`: from Content-Length
-    before reading any of it, else while it streams in."""
-    length = request.headers.get("content-length")
-    if length is not None:
-        if not length.isdigit():
-            raise ApiError(400, "bad Content-Length header")
-        if int(length) > limit:
-            raise ApiError(413, f"body of {int(length)} bytes is over the limit of {limit} bytes (--max_image_mb)")
-    chunks, total = [], 0
-    async for chunk in request.stream():
-        total += len(chunk)
-        if total > limit:
-            raise ApiError(413, f"body is over the limit of {limit} bytes (--max_image_mb)")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def create_app(workers, api_key=None, limits=Limits(), decode_threads=2, metrics=None, on_load_failure=None):
+def create_app(workers, api_key=None, limits=Limits(), decode_threads=2, metrics=None, on_load_failure=None,
+               reloader=None):
     """`workers`: {category: service.workers.ModelWorker}, started by the app's lifespan and
-    drained when it stops; `on_load_failure(message)` is called if a model cannot be loaded."""
+    drained when it stops; `on_load_failure(message)` is called if a model cannot be loaded;
+    `reloader`: a service.reload.Reloader over `workers`, which swaps their entries."""
     metrics = metrics or ServiceMetrics(list(workers), max((w.max_batch for w in workers.values()), default=1))
     pool = concurrent.futures.ThreadPoolExecutor(decode_threads, thread_name_prefix="decode")
+    bodies = BodyBudget(limits.max_body_buffer_bytes)
     with open(PAGE, encoding="utf-8") as f:
         page = f.read()
     key = api_key.encode() if api_key else None
@@ -106,8 +95,12 @@ def create_app(workers, api_key=None, limits=Limits(), decode_threads=2, metrics
         for w in workers.values():
             w.start()
         watcher = asyncio.create_task(watch_loading())
+        if reloader:
+            reloader.start()
         yield
         watcher.cancel()
+        if reloader:
+            await reloader.stop()
         for w in workers.values():  # uvicorn has answered every request in flight by now
             await asyncio.get_running_loop().run_in_executor(None, w.stop)
         pool.shutdown(wait=True)
@@ -128,6 +121,8 @@ def create_app(workers, api_key=None, limits=Limits(), decode_threads=2, metrics
         if path.startswith("/predict/"):
             category = path[len("/predict/"):]
             return "predict", category if category in workers else "unknown"
+        if path.startswith("/admin/reload"):
+            return "reload", ""
         endpoint = {"/": "page", "/health": "health", "/models": "models", "/metrics": "metrics"}.get(path, "other")
         return endpoint, ""
 
@@ -147,6 +142,7 @@ def create_app(workers, api_key=None, limits=Limits(), decode_threads=2, metrics
         return response
 
     @app.exception_handler(ApiError)
+    @app.exception_handler(BodyRefused)
     async def api_error(request, err):
         return error_response(err.status, err.message, err.headers)
 
@@ -159,27 +155,46 @@ def create_app(workers, api_key=None, limits=Limits(), decode_threads=2, metrics
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
         return error_response(400, f"bad request: {problems}")
 
-    @app.post("/predict/{category}")
-    async def predict(category: str, request: Request, with_map: bool = Query(False, alias="map")):
-        loop = asyncio.get_running_loop()
+    def ready_worker(category):
         worker = workers.get(category)
         if worker is None:
             raise ApiError(404, f"unknown category {category!r}; served: {', '.join(workers)}")
         if not worker.ready.is_set():
             raise ApiError(503, f"the model for {category} is loading", {"Retry-After": str(limits.retry_after_s)})
+        return worker
+
+    async def decoded_image(request, worker):
+        """The request's image (raw body or multipart form), read within --body_timeout_s and
+        decoded in the pool; its body is let go (and given back to the budget) on return."""
+        async with received_body(request, limits.max_body_bytes, limits.body_timeout_s, bodies) as body:
+            encoded = image_bytes(body, request.headers.get("content-type"))
+            try:
+                chw, _ = await asyncio.get_running_loop().run_in_executor(
+                    pool, worker.preprocess.decode, encoded, "in the request body", limits.max_pixels)
+            except ImageTooLarge as err:
+                raise ApiError(413, str(err)) from None
+            except UserError as err:
+                raise ApiError(400, str(err)) from None
+        return chw
+
+    @app.post("/predict/{category}")
+    async def predict(category: str, request: Request, with_map: bool = Query(False, alias="map")):
+        loop = asyncio.get_running_loop()
+        decoded_for = ready_worker(category)  # unknown or loading: answered before the body is read
+        chw = await decoded_image(request, decoded_for)
+        # A queue slot only now: a client slow to send its body holds none (and is cut off at
+        # --body_timeout_s), so slow uploads cannot fill the queue against everyone else.
+        # No await from this lookup to admit(): a hot reload swaps workers[category] between two
+        # steps of the event loop and retires the old worker once its admitted requests are answered.
+        worker = ready_worker(category)
+        if worker.preprocess != decoded_for.preprocess:  # a reload changed the geometry meanwhile
+            raise ApiError(503, f"{category}: the model was replaced by a reload while the image was read; send again",
+                           {"Retry-After": str(limits.retry_after_s)})
         try:
             worker.admit()
         except Overloaded as err:
             raise ApiError(503, f"overloaded: {err}", {"Retry-After": str(limits.retry_after_s)}) from None
         try:
-            body = await read_body(request, limits.max_body_bytes)
-            try:
-                chw, _ = await loop.run_in_executor(pool, worker.preprocess.decode, body, "in the request body",
-                                                    limits.max_pixels)
-            except ImageTooLarge as err:
-                raise ApiError(413, str(err)) from None
-            except UserError as err:
-                raise ApiError(400, str(err)) from None
             pred = await asyncio.wrap_future(worker.submit(chw))
         finally:
             worker.release()
@@ -193,15 +208,21 @@ def create_app(workers, api_key=None, limits=Limits(), decode_threads=2, metrics
         if loading:
             return JSONResponse({"status": "loading", "loading": loading}, status_code=503,
                                 headers={"Retry-After": str(limits.retry_after_s)})
+        problems = reloader.problems() if reloader else {}
+        if problems:  # still serving: 200, with what went wrong
+            return {"status": "degraded", "models": list(workers), "problems": problems}
         return {"status": "ok", "models": list(workers)}
 
     @app.get("/models")
     async def models():
-        return {"models": [w.describe() for w in workers.values()]}
+        return {"models": [dict(w.describe(), **(reloader.describe(c) if reloader else {})) for c, w in workers.items()]}
 
     @app.get("/metrics")
     async def metrics_text():
         return Response(metrics.exposition(), media_type=CONTENT_TYPE)
+
+    if reloader:
+        reloader.add_routes(app)
 
     @app.get("/", response_class=HTMLResponse)
     async def index():

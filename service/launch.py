@@ -49,12 +49,18 @@ class ServiceProcess:
         with open(self.log_path) as f:
             return f.read()
 
-    def rss_mb(self):
+    def rss_mb(self, field="VmRSS"):
+        """Resident memory now; `field="VmHWM"`: its peak (since start or reset_peak_rss)."""
         with open(f"/proc/{self.proc.pid}/status") as f:
             for line in f:
-                if line.startswith("VmRSS:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) / 1024.0
         return float("nan")
+
+    def reset_peak_rss(self):
+        """Start VmHWM over from the current RSS (Linux: clear_refs 5)."""
+        with open(f"/proc/{self.proc.pid}/clear_refs", "w") as f:
+            f.write("5")
 
     def stop(self, timeout=60):
         """SIGTERM (graceful), then SIGKILL if it does not exit in `timeout` s; -> exit code."""

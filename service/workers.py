@@ -14,6 +14,7 @@ import numpy as np
 
 from datasets.transforms import Preprocess
 from deploy.predictor import STATS_FILE, load_deployed, load_stats, resolve_files
+from service.metrics import answer_counts
 from utils import UserError
 
 log = logging.getLogger("service")
@@ -33,8 +34,9 @@ def find_model_dirs(model_dir):
         meta, _ = load_stats(os.path.join(model_dir, STATS_FILE))
         name = meta.get("category") or os.path.basename(os.path.abspath(model_dir))
         return {name: model_dir}
+    # Dot-folders are exports being written or replaced (utils.atomic_dir), never categories.
     found = {name: os.path.join(model_dir, name) for name in sorted(os.listdir(model_dir))
-             if os.path.isfile(os.path.join(model_dir, name, STATS_FILE))}
+             if not name.startswith(".") and os.path.isfile(os.path.join(model_dir, name, STATS_FILE))}
     if not found:
         raise UserError(f"no exported model in {model_dir}: expected {STATS_FILE} in it or in its "
                         f"category folders (written by export_model.py)")
@@ -45,10 +47,16 @@ class ModelWorker:
     """Requests for one category -> batches of up to `max_batch` images that arrived within
     `max_wait_ms` of the first -> one pass through the network and one scoring pass."""
 
-    def __init__(self, category, model_dir, engine_config, metrics, max_batch=8, max_wait_ms=5.0, max_queue=64):
+    def __init__(self, category, model_dir, engine_config, metrics, max_batch=8, max_wait_ms=5.0, max_queue=64,
+                 log_failure=True):
         self.category = category
+        self.model_dir = model_dir
         self.files = resolve_files(model_dir)
         self.meta, _ = load_stats(self.files[2])  # a broken export is a one-line error at start
+        self.version = self.meta.get("version") or {"id": None}  # exports made before versions: none
+        self.log_failure = log_failure  # a reload logs its own line (service/reload.py)
+        self.loaded_at = None
+        self.answered = [0, 0]  # answers, anomalous ones, by this model
         cfg = self.meta["config"]
         self.preprocess = Preprocess.from_config(cfg)
         self.model_name = f"{cfg['method']}_{cfg['arch']}"
@@ -61,6 +69,7 @@ class ModelWorker:
         self.done = threading.Event()  # set when loading failed or the worker stopped
         self._queue = queue.Queue()
         self._admitted = 0
+        self._closed = False
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name=f"infer-{category}", daemon=True)
 
@@ -70,16 +79,32 @@ class ModelWorker:
         return {"category": self.category, "model": self.model_name, "method": cfg["method"], "arch": cfg["arch"],
                 "config": cfg, "input_shape": self.meta["input_shape"], "ready": self.ready.is_set(),
                 "thresholds": {"image": cal["image_threshold"], "pixel": cal["pixel_threshold"]},
-                "calibration": cal}
+                "calibration": cal, "model_version": self.version["id"], "version": self.version,
+                "export_dir": self.model_dir, "loaded_at": self.loaded_at,
+                "answers": {"this_version": answer_counts(*self.answered),
+                            "since_start": self.metrics.answers_since_start(self.category),
+                            "validation": cal.get("validation")}}
 
     def admit(self):
-        """Count a request in (from its arrival until its answer), or raise Overloaded. The
-        count bounds the bodies and images held for this model, not only the queue proper."""
+        """Count a request in (from its decoded image until its answer), or raise Overloaded.
+        The count bounds the images held for this model, not only the queue proper."""
         with self._lock:
+            if self._closed:  # only if a request looked its worker up, then yielded before admit()
+                raise Overloaded(f"{self.category}: the model was replaced by a reload; send again")
             if self._admitted >= self.max_queue:
                 raise Overloaded(f"{self.category}: {self._admitted} requests waiting (--max_queue {self.max_queue})")
             self._admitted += 1
         self.metrics.queue_length.labels(self.category).inc()
+
+    def close(self):
+        """Admit no more requests (a reload has replaced this worker); the admitted are answered."""
+        with self._lock:
+            self._closed = True
+
+    @property
+    def admitted(self):
+        """Requests counted in and not yet answered."""
+        return self._admitted
 
     def release(self):
         with self._lock:
@@ -105,16 +130,23 @@ class ModelWorker:
     def _run(self):
         try:  # the predictor is made in the thread that runs it
             self.detector, _ = load_deployed(*self.files, **self.engine_config)
-        except Exception as err:  # noqa: BLE001 - reported by the server, which then exits
+            # Warm-up: one image through the whole path, calibration included, before any request.
+            probe = np.zeros((1, 3, *self.preprocess.map_size), np.float32)
+            self.detector.calibrated(*self.detector.raw(probe))
+        except Exception as err:  # noqa: BLE001 - reported by the server (which then exits) or the reload
             self.error = f"{self.category}: {err}"
-            log.error("cannot load the model for %s: %s", self.category, err)
+            self.detector = None
+            if self.log_failure:
+                log.error("cannot load the model for %s: %s", self.category, err)
             self.done.set()
             return
+        self.loaded_at = time.time()
         self.ready.set()
         try:
             while self._serve_batch():
                 pass
         finally:
+            self.detector = None  # the predictor goes with the thread that made it
             self.done.set()
 
     def _collect(self):
@@ -153,6 +185,9 @@ class ModelWorker:
             scores, maps = self.detector.raw(np.stack([chw for chw, _ in batch]))
             preds = self.detector.calibrated(scores, maps)
             self.metrics.observe_batch(self.category, len(batch), time.perf_counter() - t0)
+            self.metrics.observe_answers(self.category, preds)
+            self.answered[0] += len(preds)
+            self.answered[1] += sum(1 for p in preds if p["pred_label"])
         except Exception as err:  # noqa: BLE001 - every waiting request gets it; the worker goes on
             for f in futures:
                 f.set_exception(err)

@@ -278,7 +278,7 @@ def test_worker_batches_what_waits_and_drains_its_queue_when_stopped(exported):
             return 2 * images[:, 0, 0, 0], images[:, 0]
 
         def calibrated(self, scores, maps):
-            return [{"raw_score": float(v)} for v in scores]
+            return [{"raw_score": float(v), "pred_score": 0.0, "pred_label": 0} for v in scores]
 
     metrics = ServiceMetrics(["bottle"], 4)
     worker = ModelWorker("bottle", os.path.join(exported[0], "bottle"), {}, metrics, max_batch=4, max_wait_ms=0)

@@ -30,19 +30,19 @@ def test_fast_png_decoding_gives_pillows_pixels(mvtec_lite, tmp_path, monkeypatc
 
 def test_other_pngs_go_through_pillow(tmp_path, monkeypatch):
     rng = np.random.RandomState(1)
-    rgba = rng.randint(0, 256, (8, 9, 4), dtype=np.uint8)
+    rgba = rng.randint(0, 256, (16, 17, 4), dtype=np.uint8)
     files = {
-        "gray.png": Image.fromarray(rng.randint(0, 256, (8, 9), dtype=np.uint8)),
+        "gray.png": Image.fromarray(rng.randint(0, 256, (16, 17), dtype=np.uint8)),
         "rgba.png": Image.fromarray(rgba),
-        "deep.png": Image.fromarray(rng.randint(0, 65536, (8, 9)).astype(np.int32), "I").convert("I;16"),
-        "palette.png": Image.fromarray(rng.randint(0, 256, (8, 9, 3), dtype=np.uint8)).convert("P"),
+        "deep.png": Image.fromarray(rng.randint(0, 65536, (16, 17)).astype(np.int32), "I").convert("I;16"),
+        "palette.png": Image.fromarray(rng.randint(0, 256, (16, 17, 3), dtype=np.uint8)).convert("P"),
     }
     for name, img in files.items():
         path = str(tmp_path / name)
         img.save(path)
         assert transforms._decode_rgb8_png(open(path, 'rb').read()) is None, name
         rgb = np.asarray(transforms.load_rgb(path))
-        assert rgb.shape == (8, 9, 3) and rgb.dtype == np.uint8
+        assert rgb.shape == (16, 17, 3) and rgb.dtype == np.uint8
     # RGBA is composited on black, not decoded as its first three channels.
     alpha = rgba[..., 3:].astype(np.float64) / 255
     want = np.round(rgba[..., :3] * alpha).astype(int)
