@@ -16,7 +16,7 @@ from datasets.transforms import Preprocess
 from deploy.predictor import DEPLOY_FORMAT, STATS_FILE
 from models import build_method, check_model_matches, load_model
 from models.backbone import save_static
-from models.precision import for_model
+from models.precision import check as check_precision, for_model
 from models.version import version_of
 from utils import UserError, atomic_dir, atomic_path
 
@@ -35,6 +35,8 @@ def export_model(model_path, save_dir, onnx=False, expect=None, opset=11, precis
     check_replaceable(save_dir)
     cfg = state["config"]
     run_precision = for_model(precision, cfg, runs_here=False)
+    if run_precision in ("int8", "fp16"):
+        check_precision(run_precision)  # the one-line refusal: no CPU runs these exports
     method = build_method(cfg)
     shape = Preprocess.from_config(cfg).input_shape
     meta = {"format": DEPLOY_FORMAT, "config": cfg, "calibration": state["calibration"],

@@ -95,8 +95,9 @@ def load_deployed(model_file, params_file, stats_path, backend="paddle", **confi
     if backend not in BACKENDS:
         raise UserError(f"unknown --backend {backend}; choose {', '.join(BACKENDS)}")
     # By default the precision export_model.py recorded (the model's own unless exported with --precision).
+    # Paddle Inference's precision is checked against this CPU here; the ONNX runtimes check theirs.
     chosen = for_model(config_kwargs.get("precision"), cfg, config_kwargs.get("use_gpu", False),
-                       default=meta.get("precision"))
+                       runs_here=backend == "paddle", default=meta.get("precision"))
     config_kwargs = dict(config_kwargs, precision=chosen)
     meta["precision"] = config_kwargs["precision"]  # what it runs at
     if backend == "onnxruntime" and config_kwargs["precision"] != "fp32":

@@ -151,8 +151,8 @@ def recorded(config):
 def for_model(requested, config, use_gpu=False, runs_here=True, default=None):
     """The precision to run a fitted model at: `default` (an export's recorded one) or else its
     own, unless `requested` says otherwise, which is said in one line (its thresholds were
-    calibrated at its own). runs_here=False (export): the choice is recorded for another machine,
-    so this CPU's flags are not consulted."""
+    calibrated at its own). runs_here=False: the choice is not checked here (an export records it
+    for another machine; an ONNX runtime checks it against the CPU itself)."""
     own = recorded(config)
     if requested is None:
         chosen = "fp32" if use_gpu else default or own
@@ -165,7 +165,7 @@ def for_model(requested, config, use_gpu=False, runs_here=True, default=None):
         chosen = own
     else:
         chosen = requested if requested in PRECISIONS and not runs_here else resolve(requested, use_gpu)
-    if chosen == "int8" or (runs_here and chosen != "fp32"):
+    if runs_here and chosen != "fp32":
         check(chosen, use_gpu)
     if chosen != own:
         _note(f"running at {chosen} a model fitted at {own}: its statistics and thresholds were calibrated at "

@@ -96,7 +96,7 @@ def test_refusals_are_one_line(value, message, monkeypatch, synthetic_root, r18_
 def test_which_precision_a_fitted_model_runs_at(monkeypatch, capsys):
     monkeypatch.setenv("AD_CPU_FLAGS", AVX2_CPU)
     assert precision.for_model(None, {}) == "fp32"  # models from before precisions existed
-    # export records a choice for another machine: this CPU's flags are not consulted
+    # export (and the ONNX runtimes, which check their own) records a choice: this CPU's flags are not consulted
     assert precision.for_model(None, {"precision": "bf16"}, runs_here=False) == "bf16"
     assert capsys.readouterr().err == ""
     assert precision.for_model("bf16", {"precision": "fp32"}, runs_here=False) == "bf16"
@@ -110,7 +110,7 @@ def test_which_precision_a_fitted_model_runs_at(monkeypatch, capsys):
     with pytest.raises(UserError, match="--precision bf16 is a CPU precision here"):
         precision.check("bf16", use_gpu=True)
     with pytest.raises(UserError, match="int8 is not offered"):
-        precision.for_model("int8", {"precision": "fp32"}, runs_here=False)
+        precision.for_model("int8", {"precision": "fp32"})
 
 
 def test_eager_engine_refuses_bf16(monkeypatch):
