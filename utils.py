@@ -16,8 +16,10 @@ import warnings
 
 import numpy as np
 
-# Paddle prints a compiler warning on import that means nothing to users of this tool.
-warnings.filterwarnings("ignore", message="No ccache found")
+# Paddle warns on import (paddle.utils.cpp_extension) that ccache is missing, a note for
+# compiling C++ extensions that means nothing to users of this tool. Only that warning: set here,
+# before any module imports paddle (models/__init__.py imports utils before its method modules).
+warnings.filterwarnings("ignore", message=r"No ccache found", category=UserWarning)
 # Paddle's C++ side logs graph-translation notes at warning level on every jit.save.
 os.environ.setdefault("GLOG_minloglevel", "2")
 
