@@ -26,7 +26,7 @@ def print_reports(result):
     for kind in ("image_report", "pixel_report"):
         r = result.get(kind)
         if r and kind == "pixel_report" and result.get("no_masks"):
-            print(f"  segmentation (pixel): no masks; threshold {r['threshold']:.4f} (max of the normal images)")
+            print(f"  segmentation (pixel): no masks; threshold {r['threshold']:.4f} (follows the image threshold)")
         elif r:
             name = "classification (image)" if kind == "image_report" else "segmentation (pixel)"
             print(f"  {name}: threshold {r['threshold']:.4f}  precision {r['precision']:.4f}  "
