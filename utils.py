@@ -1,7 +1,7 @@
 """Small shared helpers: user-facing errors, atomic file writes, seeding, tables, flags.
 
 Everything that more than one entry script needs lives here so the scripts stay flat:
-they parse flags and call into `engine`, `models`, `datasets`, `metrics` and `visualize`.
+they parse flags and call into `pipeline`, `deploy`, `service`, `models`, `datasets` and `report`.
 """
 import argparse
 import contextlib
