@@ -217,6 +217,20 @@ def test_report_where_no_category_has_masks(tmp_path):
     assert "the pixel threshold follows the image threshold" in page
 
 
+def test_results_table_where_no_category_has_masks(tmp_path, capsys):
+    """results.csv leaves pixel cells empty; the printed table reads "no masks", the mean row too."""
+    data_root, save = str(tmp_path / "data"), str(tmp_path / "run")
+    results = [fake_result(name, *NO_MASK_CATEGORY[1:], data_root, seed, no_masks=True)
+               for seed, name in enumerate(("gamma", "delta"))]
+    write_results(save, results)
+    printed = {line.split()[0]: line.split(None, 2)[2] for line in capsys.readouterr().out.splitlines()
+               if line.startswith(("gamma", "delta", "mean"))}
+    assert sorted(printed) == ["delta", "gamma", "mean"]
+    assert all(cells.split() == ["no", "masks", "no", "masks"] for cells in printed.values()), printed
+    rows = read_csv(os.path.join(save, "results.csv"))
+    assert rows[-1]["category"] == "mean" and rows[-1]["pixel_AUROC"] == rows[-1]["PRO"] == ""
+
+
 def test_compare_shows_no_masks(tmp_path):
     """Runs written by the engine's own writers: a masked run (alpha without PRO, gamma with
     masks) against image-label runs of gamma."""
