@@ -164,10 +164,15 @@ def assert_deployed_matches_predict(model_dir, flags, category, images, tmp_path
                          "--output_dir", pred_out, "--no_progress"]) == 0
     predicted = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     assert len(predicted) == len(deployed_records) == len(images)
+    from models import load_model
+    threshold = load_model(os.path.join(model_dir, f"{category}.pdparams"))["calibration"]["image_threshold"]
     for rec in predicted:
         got = deployed_records[os.path.abspath(rec["image_path"])]
         assert got["raw_score"] == pytest.approx(rec["raw_score"], rel=1e-4)
-        assert got["pred_label"] == rec["pred_label"]
+        # An image scored at the F1-optimal threshold itself (one exists: the threshold is a test
+        # image's score) may land on either side within that tolerance: its label is not compared.
+        if abs(rec["raw_score"] - threshold) > 1e-4 * abs(threshold):
+            assert got["pred_label"] == rec["pred_label"]
         np.testing.assert_allclose(np.load(got["anomaly_map"]), np.load(rec["anomaly_map"]), atol=1e-3, rtol=0)
 
 

@@ -258,7 +258,14 @@ def test_deployed_batches_and_grouped_search_on_the_bottle_bank(coreset_run, mvt
     grouped = GroupedIndex(bank)
     brute_d, brute_i = BruteForceIndex(bank).search(queries, 1)
     got_d, got_i = grouped.search(queries, 1)
-    np.testing.assert_array_equal(got_i, brute_i)
+    # float32 brute force can misorder a near-tie (one query of 3920 on the demo bank): where the
+    # two disagree, float64 must find the grouped search's neighbour at least as near.
+    differ = np.flatnonzero(got_i[:, 0] != brute_i[:, 0])
+    assert len(differ) <= len(queries) // 1000, differ
+    for m in differ:
+        q = queries[m].astype(np.float64)
+        d_got, d_brute = (np.linalg.norm(q - bank[i].astype(np.float64)) for i in (got_i[m, 0], brute_i[m, 0]))
+        assert d_got <= d_brute * (1 + 1e-12), (m, d_got, d_brute)
     # Brute force's float32 |q|^2 - 2 q.p + |p|^2 errs by up to ~1e-4 absolute on small distances;
     # the grouped search sums squared differences, and matches float64 to 1e-5 below.
     np.testing.assert_allclose(got_d, brute_d, rtol=1e-4, atol=5e-4)
