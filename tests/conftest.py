@@ -44,6 +44,12 @@ ACCURACY = {
 }[DATA_SOURCE]
 
 
+def pytest_configure(config):
+    # pytest re-applies its own warning filters around each test and collection, dropping the one
+    # utils.py sets: the same filter for pytest (a test module may import paddle before utils).
+    config.addinivalue_line("filterwarnings", "ignore:No ccache found:UserWarning")
+
+
 def _require(path):
     if not os.path.exists(path):
         pytest.fail(f"shared test asset missing: {path} (expected ../shared beside the repo, "
