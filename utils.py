@@ -1,7 +1,7 @@
 """Small shared helpers: user-facing errors, atomic file writes, seeding, tables, flags.
 
 Everything that more than one entry script needs lives here so the scripts stay flat:
-they parse flags and call into `engine`, `models`, `datasets`, `metrics` and `visualize`.
+they parse flags and call into `pipeline`, `deploy`, `service`, `models`, `datasets` and `report`.
 """
 import argparse
 import contextlib
@@ -18,8 +18,10 @@ import warnings
 
 import numpy as np
 
-# Paddle prints a compiler warning on import that means nothing to users of this tool.
-warnings.filterwarnings("ignore", message="No ccache found")
+# Paddle warns on import (paddle.utils.cpp_extension) that ccache is missing, a note for
+# compiling C++ extensions that means nothing to users of this tool. Only that warning: set here,
+# before any module imports paddle (models/__init__.py imports utils before its method modules).
+warnings.filterwarnings("ignore", message=r"No ccache found", category=UserWarning)
 # Paddle's C++ side logs graph-translation notes at warning level on every jit.save.
 os.environ.setdefault("GLOG_minloglevel", "2")
 

@@ -18,11 +18,13 @@ os.environ.setdefault("KMP_BLOCKTIME", "1")
 
 import numpy as np  # noqa: E402
 
+# utils before the method modules: it silences Paddle's import-time "No ccache found" warning,
+# which must be in place before their `import paddle` runs.
+from utils import UserError, atomic_path, load_pdparams  # noqa: E402
 from models.efficientad import EfficientAD  # noqa: E402
 from models.padim import PROJECTIONS, PaDiM  # noqa: E402
 from models.patchcore import PatchCore  # noqa: E402
 from models.version import stamp_version, version_of  # noqa: E402
-from utils import UserError, atomic_path, load_pdparams  # noqa: E402
 
 MODEL_FORMAT = "paddle-anomaly-model/1"
 METHODS = {**{name: PaDiM for name in PROJECTIONS}, "coreset": PatchCore, "efficientad": EfficientAD}

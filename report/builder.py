@@ -61,8 +61,9 @@ def apply_thresholds(result, calibration):
 
 def metric_row(result):
     """The metrics table's row of a category; pixel F1 is None without masks (the pixel threshold
-    is still shown: it was calibrated on normal images)."""
-    rep, pix = result["image_report"], result["pixel_report"]
+    is still shown: it follows the image threshold)."""
+    rep = result["image_report"]
+    pix = None if result.get("no_masks") else result["pixel_report"]  # counted against all-zero masks
     return {"image_AUROC": result.get("image_AUROC"), "pixel_AUROC": result.get("pixel_AUROC"),
             "PRO": result.get("PRO"), "image_threshold": rep["threshold"], "precision": rep["precision"],
             "recall": rep["recall"], "F1": rep["f1"], **{k: rep[k] for k in OUTCOMES},

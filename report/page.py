@@ -133,7 +133,8 @@ def metrics_table(categories):
                 for k, _, digits in METRIC_COLUMNS]
 
     rows = [[esc(cat["name"])] + cells(cat["row"], cat.get("no_masks")) for cat in categories]
-    rows.append(["mean / total"] + cells(summary_row([cat["row"] for cat in categories])))
+    none_has_masks = all(cat.get("no_masks") for cat in categories)
+    rows.append(["mean / total"] + cells(summary_row([cat["row"] for cat in categories]), none_has_masks))
     return html_table(["category"] + [name for _, name, _ in METRIC_COLUMNS], rows,
                       row_classes=[""] * len(categories) + ["total"],
                       cell_cols=["category"] + [k for k, _, _ in METRIC_COLUMNS])
@@ -234,7 +235,9 @@ def review_bar(run_name, categories, records, labelled, versions):
 def labelled_intro(categories, no_masks, scale):
     plots = "".join(f'<h2>{esc(cat["name"])}</h2><div class="plots">{render_plots(cat)}</div>' for cat in categories)
     no_masks_note = (f" {esc(', '.join(no_masks))}: {NO_MASKS} (image labels only), so no outlines, "
-                     f"pixel AUROC, PRO or pixel F1." if no_masks else "")
+                     f"pixel AUROC, PRO or pixel F1; the pixel threshold follows the image threshold (the same "
+                     f"cut on each image's map maximum), so the predicted mask shows where a flagged image's map "
+                     f"is highest." if no_masks else "")
     return f"""<h2>Metrics</h2>{metrics_table(categories)}
 <p class="muted">Image metrics at the image threshold; rates in the last row are means over categories,
 counts are totals. Scores in the gallery are calibrated: 0.5 is the image threshold.

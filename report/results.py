@@ -26,7 +26,7 @@ def print_reports(result):
     for kind in ("image_report", "pixel_report"):
         r = result.get(kind)
         if r and kind == "pixel_report" and result.get("no_masks"):
-            print(f"  segmentation (pixel): no masks; threshold {r['threshold']:.4f} (max of the normal images)")
+            print(f"  segmentation (pixel): no masks; threshold {r['threshold']:.4f} (follows the image threshold)")
         elif r:
             name = "classification (image)" if kind == "image_report" else "segmentation (pixel)"
             print(f"  {name}: threshold {r['threshold']:.4f}  precision {r['precision']:.4f}  "
@@ -62,6 +62,8 @@ def write_results(save_path, results):
         return None
     write_csv_atomic(path, RESULT_HEADER, body)
     no_masks = {r["category"] for r in results if r.get("no_masks")}
+    if all(row[0] in no_masks for row in body if row[0] != "mean"):
+        no_masks.add("mean")  # no category has masks: the mean's pixel cells read "no masks" too
     print(format_table(RESULT_HEADER, [row[:2] + [c or "no masks" for c in row[2:]] if row[0] in no_masks
                                        else row for row in body]))
     print(f"results: {path}")

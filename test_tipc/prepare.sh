@@ -6,14 +6,15 @@
 # test_tipc/data/mvtec/bottle  the data every config reads (--data_path ./test_tipc/data/mvtec):
 #   lite_train_lite_infer    40 train/good images (evenly spaced) + 3 test images per folder, copied
 #                            from a local MVTec AD: TIPC_MVTEC_DIR, else ../shared/data/mvtec_lite
-#                            (AD_SHARED_DIR overrides ../shared); else the MVTec bottle download when
-#                            online; else a synthetic set (test_tipc/make_synthetic_mvtec.py)
+#                            (AD_SHARED_DIR overrides ../shared), else the bundled demo_data/ (60 train,
+#                            5 test images per folder); else the MVTec bottle download when online;
+#                            else a synthetic set (test_tipc/make_synthetic_mvtec.py)
 #   lite_train_whole_infer   the same 40 train images and the whole test set
 #   whole_train_whole_infer, a link to the full data set: TIPC_MVTEC_DIR, else the download
 #   whole_infer
 # test_tipc/data/weights/resnet18_imagenet_layer1-3.pdparams  the backbone: ../shared/weights when
-#   present, else the official Paddle ImageNet weights when online, else random (warned: the chain
-#   runs, the scores mean nothing)
+#   present, else the bundled weights/, else the official Paddle ImageNet weights when online, else
+#   random (warned: the chain runs, the scores mean nothing)
 # EfficientAD: test_tipc/data/weights/efficientad_teacher_small.pdparams: TIPC_TEACHER_WEIGHTS, else
 #   (lite modes only) distilled here from the backbone in a few steps
 # whole_infer: the config's train_model, fitted here on the full data when it is missing
@@ -36,6 +37,7 @@ CATEGORY=bottle
 LITE_TRAIN=40        # train/good images in the lite set
 LITE_TEST=3          # test images per folder (good and each defect) in the lite set
 SHARED=${AD_SHARED_DIR:-../shared}
+BUNDLED_DATA=./demo_data   # what the repository carries: a lite set for a clone without ../shared
 MVTEC_URL=${TIPC_MVTEC_URL:-https://www.mydrive.ch/shares/38536/3830184030e49fe74747669442f0f282/download/420937370-1629951468/bottle.tar.xz}
 R18_FILE=resnet18_imagenet_layer1-3.pdparams
 TEACHER=${DATA_DIR}/weights/efficientad_teacher_small.pdparams
@@ -75,6 +77,8 @@ function find_mvtec(){
         echo "${TIPC_MVTEC_DIR}"
     elif [ "$1" = "lite" ] && has_category "${SHARED}/data/mvtec_lite"; then
         echo "${SHARED}/data/mvtec_lite"
+    elif [ "$1" = "lite" ] && has_category "${BUNDLED_DATA}"; then
+        echo "${BUNDLED_DATA}"
     else
         download_mvtec
     fi
@@ -141,6 +145,8 @@ mkdir -p "${DATA_DIR}/weights"
 rm -f "${DATA_DIR}/weights/${R18_FILE}"
 if [ -f "${SHARED}/weights/${R18_FILE}" ]; then
     cp "${SHARED}/weights/${R18_FILE}" "${DATA_DIR}/weights/${R18_FILE}"
+elif [ -f "./weights/${R18_FILE}" ]; then
+    cp "./weights/${R18_FILE}" "${DATA_DIR}/weights/${R18_FILE}"
 elif curl -sI --connect-timeout 5 --max-time 15 https://paddle-hapi.bj.bcebos.com > /dev/null 2>&1; then
     # The full official state dict; the backbone reads its stem and layer1-3.
     ${python} -c "

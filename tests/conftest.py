@@ -1,5 +1,15 @@
-"""Shared fixtures: repo root on sys.path, the shared real data/weights, tiny synthetic data."""
+"""Shared fixtures: repo root on sys.path, the real bottle data and weights, tiny synthetic data.
+
+The real-data tests run on one of two sources, chosen once per session:
+  "shared"  ../shared beside the repository (or $AD_SHARED_DIR): MVTec bottle, 209 train / 83 test
+            images, and the ResNet-18 weights; what CI runs.
+  "demo"    what the repository carries, for a clone with no ../shared: demo_data/bottle (every 3rd
+            train and every 4th test image of the same set: 60 train / 20 test) and weights/.
+Accuracy bounds are set per source (ACCURACY); a test that needs the fuller set is marked
+`needs_full_data` and says so in its skip reason.
+"""
 import os
+import shutil
 import sys
 
 import numpy as np
@@ -8,20 +18,69 @@ from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-SHARED = os.environ.get("AD_SHARED_DIR", os.path.join(os.path.dirname(ROOT), "shared"))
-WEIGHTS = os.path.join(SHARED, "weights", "resnet18_imagenet_layer1-3.pdparams")
-MVTEC_LITE = os.path.join(SHARED, "data", "mvtec_lite")
+R18_FILE = "resnet18_imagenet_layer1-3.pdparams"
+SHARED = os.environ.get("AD_SHARED_DIR") or os.path.join(os.path.dirname(ROOT), "shared")
+BUNDLED_DATA = os.path.join(ROOT, "demo_data")
+if os.environ.get("AD_SHARED_DIR") or os.path.isdir(SHARED):
+    # A shared folder that is there (or named) but incomplete fails its tests below: no quiet fallback.
+    DATA_SOURCE = "shared"
+    WEIGHTS = os.path.join(SHARED, "weights", R18_FILE)
+    MVTEC_LITE = os.path.join(SHARED, "data", "mvtec_lite")
+else:
+    DATA_SOURCE = "demo"
+    WEIGHTS = os.path.join(ROOT, "weights", R18_FILE)
+    MVTEC_LITE = None  # a renumbered copy of demo_data, made by the mvtec_lite fixture
+FULL_DATA = DATA_SOURCE == "shared"
+needs_full_data = pytest.mark.skipif(
+    not FULL_DATA, reason="needs the full bottle set (209 train / 83 test images) in ../shared or $AD_SHARED_DIR; "
+                          "this run uses the bundled demo_data/ (60 / 20)")
+# Lower bounds (image AUROC, pixel AUROC, PRO) on bottle for the two real fits the tests make
+# (bottle_run: ortho R18 k=100; test_patchcore: coreset R18 10%), per data source. Measured on
+# demo: ortho 1.0000 / 0.9779 / 0.9478, coreset 1.0000 / 0.9767 / 0.9242 (shared ortho: 0.9944 /
+# 0.9814 / 0.9458, docs/benchmarks.md). The fits are seeded, so the figures repeat exactly.
+ACCURACY = {
+    "shared": {"ortho": (0.99, 0.98, 0.90), "coreset": (0.995, 0.975, 0.90)},
+    "demo": {"ortho": (0.99, 0.97, 0.90), "coreset": (0.99, 0.97, 0.90)},
+}[DATA_SOURCE]
+
+
+def pytest_configure(config):
+    # pytest re-applies its own warning filters around each test and collection, dropping the one
+    # utils.py sets: the same filter for pytest (a test module may import paddle before utils).
+    config.addinivalue_line("filterwarnings", "ignore:No ccache found:UserWarning")
 
 
 def _require(path):
     if not os.path.exists(path):
         pytest.fail(f"shared test asset missing: {path} (expected ../shared beside the repo, "
-                    f"or set AD_SHARED_DIR)", pytrace=False)
+                    f"or set AD_SHARED_DIR; without either the tests use demo_data/ and weights/)", pytrace=False)
     return path
+
+
+def renumbered_copy(src_root, dst_root):
+    """The demo category with each folder's images numbered 000, 001, ... in sorted order (masks
+    alike), as in the shared set, so that tests can name "the first three test images" by file
+    name. The demo's own names (every 3rd / 4th of the original) have gaps."""
+    for dirpath, _, files in os.walk(src_root):
+        images = sorted(f for f in files if f.endswith(".png"))
+        if not images:
+            continue
+        out = os.path.join(dst_root, os.path.relpath(dirpath, src_root))
+        os.makedirs(out, exist_ok=True)
+        for i, name in enumerate(images):
+            new = f"{i:03d}_mask.png" if name.endswith("_mask.png") else f"{i:03d}.png"
+            shutil.copy(os.path.join(dirpath, name), os.path.join(out, new))
+
+
+def count_images(folder, exclude=None):
+    """Images in the sub-folders of `folder` (a split of a category), leaving out sub-folder `exclude`."""
+    return sum(len(os.listdir(os.path.join(folder, d))) for d in os.listdir(folder) if d != exclude)
 
 
 @pytest.fixture(scope="session")
 def shared_dir():
+    if not FULL_DATA:
+        pytest.skip(needs_full_data.kwargs["reason"])
     return _require(SHARED)
 
 
@@ -31,8 +90,13 @@ def r18_weights():
 
 
 @pytest.fixture(scope="session")
-def mvtec_lite():
-    return _require(os.path.join(MVTEC_LITE, "bottle")) and MVTEC_LITE
+def mvtec_lite(tmp_path_factory):
+    """A data root holding the real bottle category (MVTec layout)."""
+    if FULL_DATA:
+        return _require(os.path.join(MVTEC_LITE, "bottle")) and MVTEC_LITE
+    root = str(tmp_path_factory.mktemp("demo_data"))
+    renumbered_copy(_require(os.path.join(BUNDLED_DATA, "bottle")), os.path.join(root, "bottle"))
+    return root
 
 
 def make_synthetic_category(root, name="widget", n_train=6, n_good=2, n_defect=3, size=64, seed=0):
@@ -106,10 +170,15 @@ def assert_deployed_matches_predict(model_dir, flags, category, images, tmp_path
                          "--output_dir", pred_out, "--no_progress"]) == 0
     predicted = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     assert len(predicted) == len(deployed_records) == len(images)
+    from models import load_model
+    threshold = load_model(os.path.join(model_dir, f"{category}.pdparams"))["calibration"]["image_threshold"]
     for rec in predicted:
         got = deployed_records[os.path.abspath(rec["image_path"])]
         assert got["raw_score"] == pytest.approx(rec["raw_score"], rel=1e-4)
-        assert got["pred_label"] == rec["pred_label"]
+        # An image scored at the F1-optimal threshold itself (one exists: the threshold is a test
+        # image's score) may land on either side within that tolerance: its label is not compared.
+        if abs(rec["raw_score"] - threshold) > 1e-4 * abs(threshold):
+            assert got["pred_label"] == rec["pred_label"]
         np.testing.assert_allclose(np.load(got["anomaly_map"]), np.load(rec["anomaly_map"]), atol=1e-3, rtol=0)
 
 

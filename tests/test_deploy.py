@@ -48,9 +48,9 @@ def eager_predictions(bottle_run, test_images, tmp_path_factory):
     return out
 
 
-def assert_maps_agree(records, pred_dir, atol):
-    """Calibrated maps written by infer.py equal those written by predict.py."""
-    assert len(records) == 42
+def assert_maps_agree(records, test_images, pred_dir, atol):
+    """Calibrated maps written by infer.py equal those written by predict.py, for every test image."""
+    assert len(records) == len(list_input_images(test_images)) > 0
     for rec in records.values():
         want = np.load(os.path.join(pred_dir, os.path.basename(rec["anomaly_map"])))
         np.testing.assert_allclose(np.load(rec["anomaly_map"]), want, atol=atol, rtol=0)
@@ -74,9 +74,10 @@ def test_infer_matches_eager_predict(exported, bottle_run, test_images, eager_pr
     scores = eager_scores(bottle_run, test_images)
     for path, rec in records.items():
         assert rec["raw_score"] == pytest.approx(scores[path], rel=1e-4)
-    assert_maps_agree(records, eager_predictions, 1e-3)
+    assert_maps_agree(records, test_images, eager_predictions, 1e-3)
     labels = {p: r["pred_label"] for p, r in records.items()}
-    assert sum(v == "anomalous" for v in labels.values()) >= 20  # 22 broken_small, 20 good
+    broken = len(os.listdir(test_images[0]))  # 22 broken_small (and 20 good) shared, 5 (and 5) demo
+    assert sum(v == "anomalous" for v in labels.values()) >= round(0.9 * broken)
 
 
 def test_onnxruntime_matches_eager_predict(exported, bottle_run, test_images, eager_predictions, tmp_path):
@@ -85,7 +86,7 @@ def test_onnxruntime_matches_eager_predict(exported, bottle_run, test_images, ea
     scores = eager_scores(bottle_run, test_images)
     for path, rec in records.items():
         assert rec["raw_score"] == pytest.approx(scores[path], rel=1e-3)
-    assert_maps_agree(records, eager_predictions, 1e-3)
+    assert_maps_agree(records, test_images, eager_predictions, 1e-3)
 
 
 def test_batches_and_reproduction_flags_give_the_same_scores(exported, test_images, tmp_path):

@@ -19,7 +19,7 @@ from utils import UserError
 ENGINE = {"engine": "inference", "cpu_threads": 2}
 # The short real run (kept small for CI): distillation and training steps on 128 px student
 # crops. At this budget (and at 600 steps) the detector does not yet separate bottle defects
-# reliably (README, EfficientAD: the student's error still follows the teacher's feature
+# reliably (docs/efficientad.md: the student's error still follows the teacher's feature
 # magnitude), so the run asserts that training works: the loss falls, and the whole chain
 # train -> quantiles -> evaluation yields valid metrics.
 CI_DISTILL_STEPS, CI_TRAIN_STEPS, CI_TRAIN_CROP = 200, 100, 128

@@ -15,7 +15,7 @@ import eval as eval_script
 import predict as predict_script
 import train as train_script
 import export_model
-from conftest import assert_batches_match_batch_1, assert_deployed_matches_predict
+from conftest import ACCURACY, assert_batches_match_batch_1, assert_deployed_matches_predict, count_images
 from models import load_model
 from models.nn_index import BruteForceIndex, FaissIndex, GroupedIndex
 from models.patchcore import PatchCore, channel_pool_matrix, greedy_k_center, patch_rows
@@ -173,15 +173,17 @@ def coreset_run(mvtec_lite, r18_weights, tmp_path_factory):
     return save
 
 
-def test_bottle_accuracy_and_model_file(coreset_run):
+def test_bottle_accuracy_and_model_file(coreset_run, mvtec_lite):
     with open(os.path.join(coreset_run, "results.csv")) as f:
         row = next(csv.DictReader(f))
-    assert float(row["image_AUROC"]) >= 0.995
-    assert float(row["pixel_AUROC"]) >= 0.975
-    assert float(row["PRO"]) >= 0.90
+    image_bound, pixel_bound, pro_bound = ACCURACY["coreset"]
+    assert float(row["image_AUROC"]) >= image_bound
+    assert float(row["pixel_AUROC"]) >= pixel_bound
+    assert float(row["PRO"]) >= pro_bound
     state = load_model(os.path.join(coreset_run, "bottle.pdparams"))
-    assert state["train_patches"] == 209 * 28 * 28
-    assert state["stats"]["memory_bank"].shape == (round(209 * 784 * 0.1), 384)  # in the 384-dim feature basis
+    n_train = count_images(os.path.join(mvtec_lite, "bottle", "train"))  # 209 shared, 60 demo
+    assert state["train_patches"] == n_train * 28 * 28
+    assert state["stats"]["memory_bank"].shape == (round(n_train * 784 * 0.1), 384)  # in the 384-dim feature basis
     assert "basis" not in state["stats"] and state["projection"].shape == (384, 128)
     assert state["net"]["channel_pool"].shape == (384, 384, 1, 1)  # the basis folded into the pooling conv
     assert state["config"]["coreset_ratio"] == 0.1 and "faiss" not in state["config"]
@@ -256,7 +258,14 @@ def test_deployed_batches_and_grouped_search_on_the_bottle_bank(coreset_run, mvt
     grouped = GroupedIndex(bank)
     brute_d, brute_i = BruteForceIndex(bank).search(queries, 1)
     got_d, got_i = grouped.search(queries, 1)
-    np.testing.assert_array_equal(got_i, brute_i)
+    # float32 brute force can misorder a near-tie (one query of 3920 on the demo bank): where the
+    # two disagree, float64 must find the grouped search's neighbour at least as near.
+    differ = np.flatnonzero(got_i[:, 0] != brute_i[:, 0])
+    assert len(differ) <= len(queries) // 1000, differ
+    for m in differ:
+        q = queries[m].astype(np.float64)
+        d_got, d_brute = (np.linalg.norm(q - bank[i].astype(np.float64)) for i in (got_i[m, 0], brute_i[m, 0]))
+        assert d_got <= d_brute * (1 + 1e-12), (m, d_got, d_brute)
     # Brute force's float32 |q|^2 - 2 q.p + |p|^2 errs by up to ~1e-4 absolute on small distances;
     # the grouped search sums squared differences, and matches float64 to 1e-5 below.
     np.testing.assert_allclose(got_d, brute_d, rtol=1e-4, atol=5e-4)

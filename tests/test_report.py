@@ -59,8 +59,8 @@ def fake_result(category, size, images, threshold, data_root, seed, no_masks=Fal
             "pixel_AUROC": None if no_masks else metrics.auroc(masks, maps),
             "PRO": None if no_masks else metrics.pro_auc(masks, maps), "calibration": calibration,
             "image_report": metrics.classification_report(labels, scores, threshold),
-            "pixel_report": None if no_masks else metrics.classification_report(masks, maps,
-                                                                                 calibration["pixel_threshold"]),
+            # as evaluate_category: without masks, counted against the all-zero masks (F1 0)
+            "pixel_report": metrics.classification_report(masks, maps, calibration["pixel_threshold"]),
             "config": {"method": "ortho", "arch": "resnet18", "k": 100, "seed": 521, "resize": size,
                        "crop_size": size, "backbone_weights": "resnet18.pdparams"},
             "predictions": [{"image_path": os.path.join(data_root, category, "test", d, name), "defect_type": d,
@@ -204,6 +204,31 @@ def test_report_of_a_category_without_masks(tmp_path):
     report.apply_thresholds(results[1], stored)
     assert results[1]["pixel_report"] is None
     assert {k: results[1]["image_report"][k] for k in report.OUTCOMES} == {"TP": 2, "FP": 0, "FN": 1, "TN": 3}
+
+
+def test_report_where_no_category_has_masks(tmp_path):
+    """The "mean / total" row reads "no masks" for the pixel metrics, like the categories' rows."""
+    data_root, save = str(tmp_path / "data"), str(tmp_path / "run")
+    build_fake_report(save, data_root, [NO_MASK_CATEGORY], no_masks={"gamma"})
+    page = read_page(save)
+    for column in ("pixel_AUROC", "PRO", "pixel_F1"):
+        assert category_cell(page, "gamma", column) == table_cell(page, "total", column) == "no masks"
+    assert table_cell(page, "total", "image_AUROC") == category_cell(page, "gamma", "image_AUROC") != "no masks"
+    assert "the pixel threshold follows the image threshold" in page
+
+
+def test_results_table_where_no_category_has_masks(tmp_path, capsys):
+    """results.csv leaves pixel cells empty; the printed table reads "no masks", the mean row too."""
+    data_root, save = str(tmp_path / "data"), str(tmp_path / "run")
+    results = [fake_result(name, *NO_MASK_CATEGORY[1:], data_root, seed, no_masks=True)
+               for seed, name in enumerate(("gamma", "delta"))]
+    write_results(save, results)
+    printed = {line.split()[0]: line.split(None, 2)[2] for line in capsys.readouterr().out.splitlines()
+               if line.startswith(("gamma", "delta", "mean"))}
+    assert sorted(printed) == ["delta", "gamma", "mean"]
+    assert all(cells.split() == ["no", "masks", "no", "masks"] for cells in printed.values()), printed
+    rows = read_csv(os.path.join(save, "results.csv"))
+    assert rows[-1]["category"] == "mean" and rows[-1]["pixel_AUROC"] == rows[-1]["PRO"] == ""
 
 
 def test_compare_shows_no_masks(tmp_path):
