@@ -8,7 +8,7 @@ from PIL import Image
 from threadpoolctl import threadpool_limits
 
 from service.app import Limits, create_app
-from service.connections import HeadersDeadlineProtocol
+from service.connections import HeadersDeadlineProtocol, answer_connections_full
 from service.metrics import ServiceMetrics
 from service.reload import Reloader
 from service.workers import ModelWorker, find_model_dirs
@@ -39,10 +39,11 @@ def return_freed_images_to_the_os(threshold=4 * 2**20):
         pass
 
 
-def connection_limits(args):
+def connection_limits(args, retry_after_s):
     """uvicorn settings that bound connections: over --max_connections open ones (or requests in
-    flight) a request is answered 503 at once; a connection waits --keep_alive_s at most for its
+    flight) a request is answered 503 (JSON, Retry-After) at once; a connection waits --keep_alive_s at most for its
     next request's headers (service/connections.py)."""
+    answer_connections_full(retry_after_s)  # JSON like the service's other refusals
     # uvicorn counts the connection of the request it checks: +1 lets --max_connections be served.
     return {"limit_concurrency": args.max_connections + 1, "timeout_keep_alive": args.keep_alive_s,
             "http": HeadersDeadlineProtocol}
@@ -81,7 +82,7 @@ def run_service(args):
                      limits=limits, on_load_failure=load_failed, reloader=reloader)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, access_log=args.access_log,
                                            timeout_graceful_shutdown=args.graceful_timeout, log_level="info",
-                                           **connection_limits(args)))
+                                           **connection_limits(args, limits.retry_after_s)))
     # uvicorn re-raises the signal that stopped it once it has shut down gracefully; a no-op
     # handler underneath turns that into a normal exit 0 (what a process manager expects).
     for sig in (signal.SIGTERM, signal.SIGINT):

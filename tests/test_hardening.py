@@ -99,6 +99,7 @@ def test_connection_cap_and_the_headers_deadline(server, exported):
     t0 = time.monotonic()
     res = requests.post(predict_url(server), data=good, timeout=60)
     assert res.status_code == 503 and time.monotonic() - t0 < 2.0
+    assert "--max_connections" in res.json()["error"] and res.headers["Retry-After"] == "1", res.text
     for s in idle:  # closed by the server, without an answer, at the headers deadline
         assert s.recv(1024) == b""
         s.close()
