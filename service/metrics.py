@@ -43,20 +43,24 @@ class ServiceMetrics:
                                 ["category", "version", "parent"], registry=r)
         self.model_loaded = Gauge("anomaly_model_loaded_timestamp_seconds", "When the serving model was swapped in",
                                   ["category"], registry=r)
-        self.reloads = Counter("anomaly_reloads", "Reloads by result (reloaded, unchanged, failed)",
+        self.reloads = Counter("anomaly_reloads", "Reloads by result (reloaded, unchanged, failed; added: a new category)",
                                ["category", "result"], registry=r)
         self.reload_failed = Gauge("anomaly_reload_failed", "1 while the latest reload of a category has failed "
                                    "(the model loaded before keeps serving)", ["category"], registry=r)
         self._serving = {}  # category -> the model_info labels shown
         self._counts = {}  # category -> [answers, anomalous] since start, for GET /models
         self._lock = threading.Lock()
-        for c in categories:  # every series exists from the start, at 0
-            self.queue_length.labels(c)
-            self.batch_size.labels(c)
-            self.score.labels(c)
-            self.reload_failed.labels(c)
-            for label in ("normal", "anomalous"):
-                self.answers.labels(c, label)
+        for c in categories:
+            self.add_category(c)
+
+    def add_category(self, category):
+        """Every series of a category exists from the start (or from when it is added), at 0."""
+        self.queue_length.labels(category)
+        self.batch_size.labels(category)
+        self.score.labels(category)
+        self.reload_failed.labels(category)
+        for label in ("normal", "anomalous"):
+            self.answers.labels(category, label)
 
     def observe_request(self, endpoint, category, status, seconds):
         self.requests.labels(endpoint, category, str(status)).inc()

@@ -19,6 +19,12 @@ An export folder that disappears leaves the loaded model serving; /health says s
 Two reloads of one category never run at once: a second one waits for the first, then compares
 the folder with what is now serving (so a reload asked for after an export always serves that
 export when it answers, and a burst of triggers loads the folder once).
+
+New categories: a reload of every category (SIGHUP, POST /admin/reload) and each --watch poll
+also look for export folders that appeared under --model_dir since start (`scan`). One is loaded
+and warmed up like a reload, then added to the worker table in one assignment; until then its
+requests get 404 as before. One that fails to load is not served, is shown by /health and the
+reload's answer; --watch tries it again when its folder changes, a reload asked for at once.
 """
 import asyncio
 import ctypes
@@ -33,6 +39,7 @@ from fastapi.responses import JSONResponse
 
 from deploy.predictor import STATS_FILE
 from service.app import error_response
+from utils import UserError
 
 log = logging.getLogger("service")
 LIBC = ctypes.CDLL(None)
@@ -70,10 +77,14 @@ def release_memory():
 class Reloader:
     """Reloads the categories of `workers` (the app's {category: ModelWorker}, changed in place)
     from `model_dirs` ({category: export folder}); `make_worker(category, folder)` builds a
-    worker, not started. `watch_s` > 0: poll the folders that often."""
+    worker, not started. `watch_s` > 0: poll the folders that often. `scan()` -> {category: export
+    folder} as found now (service.workers.find_model_dirs over --model_dir): new categories."""
 
-    def __init__(self, workers, model_dirs, make_worker, metrics, watch_s=0.0):
+    def __init__(self, workers, model_dirs, make_worker, metrics, watch_s=0.0, scan=None):
         self.workers = workers
+        self.scan = scan
+        self.adding = asyncio.Lock()  # one new category loads at a time
+        self.not_added = {}  # category -> {"error", "at", "fingerprint", "folder"}: a new folder that failed
         self.model_dirs = dict(model_dirs)
         self.make_worker = make_worker
         self.metrics = metrics
@@ -113,8 +124,54 @@ class Reloader:
 
     # ------------------------------------------------------------ reloading
     async def reload_all(self, trigger):
-        """Every category in turn (one new model in memory at a time) -> their answers."""
-        return [await self.reload(c, trigger) for c in self.workers]
+        """Every category in turn (one new model in memory at a time), then the category folders
+        that appeared since start -> their answers."""
+        answers = [await self.reload(c, trigger) for c in list(self.workers)]
+        new = await self.new_categories(retry_failed=True)
+        return answers + [await self.add(c, folder, trigger) for c, folder in new.items()]
+
+    async def new_categories(self, retry_failed=False):
+        """{category: folder} of export folders under --model_dir that are not served yet; those
+        that failed to load as they are now only with `retry_failed` (asked for, not --watch)."""
+        if self.scan is None:
+            return {}
+        try:
+            found = await asyncio.get_running_loop().run_in_executor(None, self.scan)
+        except UserError:  # no export at all right now (folders being replaced): nothing new
+            return {}
+        for gone in set(self.not_added) - set(found):  # a failed folder removed: no longer a problem
+            del self.not_added[gone]
+        return {c: folder for c, folder in found.items() if c not in self.workers and (
+            retry_failed or export_fingerprint(folder) != self.not_added.get(c, {}).get("fingerprint"))}
+
+    async def add(self, category, folder, trigger):
+        """Load, warm up and then serve a new category -> its answer ("added" or "failed")."""
+        async with self.adding:
+            if category in self.workers:  # added meanwhile by another trigger
+                return {"category": category, "result": "unchanged", "trigger": trigger, "at": time.time(),
+                        "model_version": self.workers[category].version["id"]}
+            found = export_fingerprint(folder)
+            new, error = await self._load(category, folder)
+            if new is not None and export_fingerprint(folder) != found:
+                self._spawn(self._retire(new))
+                new, error = None, f"the export folder {folder} changed while it was loaded; reload again"
+            answer = {"category": category, "trigger": trigger, "at": time.time()}
+            if new is None:
+                self.not_added[category] = {"error": error, "at": answer["at"], "fingerprint": found, "folder": folder}
+                log.error("new category %s (%s) not served: %s", category, trigger, error)
+                return dict(answer, result="failed", error=error, model_version=None)
+            self.not_added.pop(category, None)
+            self.model_dirs[category], self.serving[category] = folder, found
+            self.locks[category] = asyncio.Lock()
+            self.metrics.add_category(category)
+            self.metrics.serving(category, new.version, new.meta["calibration"].get("validation"))
+            self.workers[category] = new  # served from here on: one assignment, on the event loop
+            self.busy_workers.discard(new)
+            self.metrics.models_ready.set(sum(w.ready.is_set() for w in self.workers.values()))
+            self.last[category] = answer = dict(answer, result="added", model_version=new.version["id"])
+            self.metrics.observe_reload(category, "added")
+            log.info("new category %s (%s): added, version %s", category, trigger, new.version["id"])
+            return answer
 
     async def reload(self, category, trigger):
         """-> {"category", "result": "reloaded" | "unchanged" | "failed", "model_version", ...}."""
@@ -131,7 +188,6 @@ class Reloader:
         return answer
 
     async def _reload(self, category):
-        loop = asyncio.get_running_loop()
         folder, old = self.model_dirs[category], self.workers[category]
         await self._until(lambda: old.ready.is_set() or old.done.is_set())  # the first load has finished
         found = await self._fingerprint_across_a_swap(folder)
@@ -140,16 +196,9 @@ class Reloader:
         if found == self.serving[category]:
             self.failure.pop(category, None)
             return {"category": category, "result": "unchanged", "model_version": old.version["id"]}
-        try:
-            new = await loop.run_in_executor(None, self.make_worker, category, folder)
-        except Exception as err:  # noqa: BLE001 - any unreadable export: the old model serves on
-            return self._failed(category, str(err) or type(err).__name__, found)
-        self.busy_workers.add(new)
-        new.start()
-        await self._until(lambda: new.ready.is_set() or new.done.is_set())
-        if new.error:
-            self.busy_workers.discard(new)
-            return self._failed(category, new.error.split(": ", 1)[-1], found)
+        new, error = await self._load(category, folder)
+        if new is None:  # the old model serves on
+            return self._failed(category, error, found)
         if export_fingerprint(folder) != found:  # rewritten while it loaded: what we hold may mix two exports
             self._spawn(self._retire(new))
             return self._failed(category, f"the export folder {folder} changed while it was loaded; reload again",
@@ -162,6 +211,20 @@ class Reloader:
         self._spawn(self._retire(old))
         return {"category": category, "result": "reloaded", "model_version": new.version["id"],
                 "previous_version": old.version["id"]}
+
+    async def _load(self, category, folder):
+        """A started, warmed-up worker over `folder` -> (worker, None), or (None, why it failed)."""
+        try:
+            new = await asyncio.get_running_loop().run_in_executor(None, self.make_worker, category, folder)
+        except Exception as err:  # noqa: BLE001 - any unreadable export
+            return None, str(err) or type(err).__name__
+        self.busy_workers.add(new)
+        new.start()
+        await self._until(lambda: new.ready.is_set() or new.done.is_set())
+        if new.error:
+            self.busy_workers.discard(new)
+            return None, new.error.split(": ", 1)[-1]
+        return new, None
 
     @staticmethod
     async def _fingerprint_across_a_swap(folder):
@@ -202,7 +265,14 @@ class Reloader:
         seen = {}
         while True:
             await asyncio.sleep(self.watch_s)
-            for category, folder in self.model_dirs.items():
+            for category, folder in (await self.new_categories()).items():
+                found = export_fingerprint(folder)
+                if found is not None and seen.get(category) == found:
+                    seen.pop(category)
+                    await self.add(category, folder, "watch")
+                else:
+                    seen[category] = found
+            for category, folder in list(self.model_dirs.items()):
                 found = export_fingerprint(folder)
                 failed = self.failure.get(category, {}).get("fingerprint")
                 if found is None or found == self.serving[category] or found == failed:
@@ -225,6 +295,9 @@ class Reloader:
             elif category in self.failure:
                 out[category] = f"the latest reload failed ({self.failure[category]['error']}); version {version} " \
                                 f"keeps serving"
+        for category, failure in self.not_added.items():
+            out[category] = f"the new export folder {failure['folder']} could not be loaded ({failure['error']}); " \
+                            f"not served"
         return out
 
     def describe(self, category):
@@ -241,9 +314,13 @@ class Reloader:
 
         @app.post("/admin/reload/{category}")
         async def reload_one_category(category: str):
-            if category not in self.workers:
-                return error_response(404, f"unknown category {category!r}; served: {', '.join(self.workers)}")
-            return self._answer([await self.reload(category, f"POST /admin/reload/{category}")])
+            trigger = f"POST /admin/reload/{category}"
+            if category not in self.workers:  # a category folder added since start, or none
+                new = await self.new_categories(retry_failed=True)
+                if category not in new:
+                    return error_response(404, f"unknown category {category!r}; served: {', '.join(self.workers)}")
+                return self._answer([await self.add(category, new[category], trigger)])
+            return self._answer([await self.reload(category, trigger)])
 
     @staticmethod
     def _answer(results):

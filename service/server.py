@@ -69,7 +69,8 @@ def run_service(args):
                            log_failure)
 
     workers = {c: make_worker(c, d) for c, d in dirs.items()}
-    reloader = Reloader(workers, dirs, lambda c, d: make_worker(c, d, log_failure=False), metrics, args.watch)
+    reloader = Reloader(workers, dirs, lambda c, d: make_worker(c, d, log_failure=False), metrics, args.watch,
+                        scan=lambda: find_model_dirs(args.model_dir))
     failures = []
 
     def load_failed(message):

@@ -119,33 +119,38 @@ def test_answers_switch_from_a_to_b_under_load_with_no_failure(server, versions)
     def client(i):
         session = requests.Session()
         while not stop.is_set():
+            sent = time.perf_counter()
             res = session.post(server.url + "/predict/bottle", data=bodies[i % 2], headers=AUTH, timeout=60)
             with lock:
-                answers.append((time.perf_counter(), res.status_code, res.json().get("model_version")))
+                answers.append((sent, time.perf_counter(), res.status_code, res.json().get("model_version")))
 
-    reloads = []
+    reloads = []  # (published, reload answered, name, status, body)
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         clients = [pool.submit(client, i) for i in range(4)]
         try:
             for name in ("B", "A", "B", "A", "B"):
                 time.sleep(0.3)
+                published = time.perf_counter()
                 publish_export(versions["exports"][name], versions["served"])
                 res = reload(server)
-                reloads.append((time.perf_counter(), name, res.status_code, res.json()))
+                reloads.append((published, time.perf_counter(), name, res.status_code, res.json()))
+            wait_for(lambda: sum(sent > reloads[-1][1] for sent, *_ in list(answers)) >= 4,
+                     what="answers after the last reload")
         finally:
-            time.sleep(0.3)
             stop.set()
             for c in clients:
                 c.result()
-    assert [(code, body["results"][0]["result"], body["results"][0]["model_version"]) for _, _, code, body in reloads] \
-        == [(200, "reloaded", ids[name]) for _, name, _, _ in reloads]
-    assert len(answers) > 20 and {code for _, code, _ in answers} == {200}
-    assert {v for _, _, v in answers} == {ids["A"], ids["B"]}
-    # Each answer after a reload has returned comes from the new model (the swap precedes the reply).
-    for t_done, name, _, _ in reloads:
-        nxt = [t for t, *_ in reloads if t > t_done]
-        later = [v for t, _, v in answers if t_done + 0.2 < t < (nxt[0] if nxt else 1e18)]
-        assert later and set(later) == {ids[name]}, (name, later)
+    assert [(code, body["results"][0]["result"], body["results"][0]["model_version"]) for *_, code, body in reloads] \
+        == [(200, "reloaded", ids[name]) for _, _, name, _, _ in reloads]
+    assert len(answers) > 20 and {code for *_, code, _ in answers} == {200}
+    assert {v for *_, v in answers} == {ids["A"], ids["B"]}
+    # Every request sent after a reload has answered, and answered before the next export was
+    # published, comes from the new model (the swap precedes the reload's reply).
+    for i, (_, done, name, _, _) in enumerate(reloads):
+        until = reloads[i + 1][0] if i + 1 < len(reloads) else float("inf")
+        between = [v for sent, answered, _, v in answers if sent > done and answered < until]
+        assert set(between) <= {ids[name]}, (name, between)
+    assert sum(sent > reloads[-1][1] for sent, *_ in answers) >= 4
     model = serving(server)
     assert model["model_version"] == ids["B"] and model["version"]["parent"] == ids["A"]
     assert model["reload"]["last"]["result"] == "reloaded" and model["reload"]["failed"] is None
@@ -271,8 +276,34 @@ def test_watch_loads_a_new_export_and_never_an_interrupted_one(versions, tmp_pat
         assert requests.get(srv.url + "/models", timeout=10).json()["models"][0]["reload"]["last"]["trigger"] == \
             "watch"
         assert "reload of bottle (watch): reloaded" in srv.log()
+        # A new category folder goes live by itself too; one that cannot be loaded is shown, not served.
+        root = os.path.dirname(served)
+        assert post(srv.url + "/predict/second", read(versions["images"][0]), {}).status_code == 404
+        publish_export(versions["exports"]["A"], os.path.join(root, "second"))
+        os.makedirs(os.path.join(root, "broken"))
+        with open(os.path.join(root, "broken", STATS_FILE), "wb") as f:
+            f.write(b"not a stats file")
+        wait_for(lambda: post(srv.url + "/predict/second", read(versions["images"][0]), {}).status_code == 200,
+                 what="the new category")
+        answer = post(srv.url + "/predict/second", read(versions["images"][1]), {}).json()
+        assert answer["model_version"] == ids["A"] and answer["pred_label"] == "anomalous"
+        models = {m["category"]: m for m in requests.get(srv.url + "/models", timeout=10).json()["models"]}
+        assert sorted(models) == ["bottle", "second"] and models["second"]["reload"]["last"]["result"] == "added"
+        assert metric(srv, "anomaly_reloads_total", category="second", result="added") == 1
+        assert metric(srv, "anomaly_models_ready") == 2
+        health = requests.get(srv.url + "/health", timeout=10).json()
+        assert health["status"] == "degraded" and health["models"] == ["bottle", "second"]
+        assert "could not be loaded (no static model" in health["problems"]["broken"]
+        assert "new category broken (watch) not served" in srv.log()
+        assert srv.log().count("new category broken") == 1  # --watch tries it again only once it changes
+        res = reload(srv, "/admin/reload/broken", {})  # asked for: tried again
+        assert res.status_code == 422 and res.json()["results"][0]["result"] == "failed", res.text
+        assert reload(srv, "/admin/reload/nothing_there", {}).status_code == 404
+        shutil.rmtree(os.path.join(root, "broken"))
+        wait_for(lambda: requests.get(srv.url + "/health", timeout=10).json()["status"] == "ok",
+                 what="health after the broken folder went")
     finally:
         srv.stop()
         for name in os.listdir(os.path.dirname(served)):
-            if name.startswith("."):
+            if name != "bottle":
                 shutil.rmtree(os.path.join(os.path.dirname(served), name))
