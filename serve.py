@@ -49,8 +49,8 @@ def build_parser():
                    help="seconds to finish the requests in flight after SIGTERM")
     p.add_argument("--access_log", action="store_true", help="log every request")
     p.add_argument("--watch", type=float, default=0.0, metavar="SECONDS",
-                   help="poll the export folders this often and reload a changed one (0: only on SIGHUP or "
-                        "POST /admin/reload)")
+                   help="poll the export folders this often: reload a changed one, add a new category "
+                        "folder (0: only on SIGHUP or POST /admin/reload)")
     return p
 
 
