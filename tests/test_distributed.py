@@ -19,6 +19,7 @@ import eval as eval_script
 import models.gaussian as gaussian_module
 import train as train_script
 from models.gaussian import EPSILON, ExactSums, unpack_precision
+from models.parallel import set_cpu_threads
 from utils import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -71,6 +72,14 @@ def fit_here(args):
     """A one-process train.py run in this process (no interpreter start-up): a reference the
     launches are compared with, or a model they start from."""
     assert train_script.main([str(a) for a in args] + SMALL) == 0
+
+
+@pytest.fixture(autouse=True)
+def every_core_afterwards():
+    """SMALL's --cpu_threads 1, given to an entry point in this process, stays in force: every
+    core again for the tests after."""
+    yield
+    set_cpu_threads(None)
 
 
 def ok(proc):
