@@ -23,7 +23,7 @@ ENGINE = {"engine": "inference", "cpu_threads": 2}
 # follows the teacher's feature magnitude), so the run asserts that training works: the loss
 # falls, and the whole chain train -> quantiles -> evaluation yields valid metrics.
 CI_DISTILL_STEPS, CI_TRAIN_STEPS, CI_TRAIN_CROP = 60, 60, 128
-CI_LOSS_DROP = 0.9  # mean loss of the last 20 steps <= this x the first 20 (measured on ../shared: 0.67)
+CI_LOSS_DROP = 0.9  # mean loss of the last 20 steps <= this x the first 20 (measured: 0.67 ../shared, 0.73 demo)
 
 
 @pytest.fixture(scope="module")
