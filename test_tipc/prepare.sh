@@ -4,12 +4,12 @@
 #   bash test_tipc/prepare.sh CONFIG MODE
 #
 # test_tipc/data/mvtec/bottle  the data every config reads (--data_path ./test_tipc/data/mvtec):
-#   lite_train_lite_infer    40 train/good images (evenly spaced) + 3 test images per folder, copied
+#   lite_train_lite_infer    10 train/good images (evenly spaced) + 2 test images per folder, copied
 #                            from a local MVTec AD: TIPC_MVTEC_DIR, else ../shared/data/mvtec_lite
 #                            (AD_SHARED_DIR overrides ../shared), else the bundled demo_data/ (60 train,
 #                            5 test images per folder); else the MVTec bottle download when online;
 #                            else a synthetic set (test_tipc/make_synthetic_mvtec.py)
-#   lite_train_whole_infer   the same 40 train images and the whole test set
+#   lite_train_whole_infer   the same 10 train images and the whole test set
 #   whole_train_whole_infer, a link to the full data set: TIPC_MVTEC_DIR, else the download
 #   whole_infer
 # test_tipc/data/weights/resnet18_imagenet_layer1-3.pdparams  the backbone: ../shared/weights when
@@ -34,8 +34,10 @@ IFS=$' \t\n'
 
 DATA_DIR=./test_tipc/data
 CATEGORY=bottle
-LITE_TRAIN=40        # train/good images in the lite set
-LITE_TEST=3          # test images per folder (good and each defect) in the lite set
+# The lite set checks that the chain runs, not accuracy: small, so that the 11 commands of a
+# model take about a minute. Two test images per folder still fill one batch of --batch_size 2.
+LITE_TRAIN=10        # train/good images in the lite set
+LITE_TEST=2          # test images per folder (good and each defect) in the lite set
 SHARED=${AD_SHARED_DIR:-../shared}
 BUNDLED_DATA=./demo_data   # what the repository carries: a lite set for a clone without ../shared
 MVTEC_URL=${TIPC_MVTEC_URL:-https://www.mydrive.ch/shares/38536/3830184030e49fe74747669442f0f282/download/420937370-1629951468/bottle.tar.xz}

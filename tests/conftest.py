@@ -5,8 +5,7 @@ The real-data tests run on one of two sources, chosen once per session:
             images, and the ResNet-18 weights; what CI runs.
   "demo"    what the repository carries, for a clone with no ../shared: demo_data/bottle (every 3rd
             train and every 4th test image of the same set: 60 train / 20 test) and weights/.
-Accuracy bounds are set per source (ACCURACY); a test that needs the fuller set is marked
-`needs_full_data` and says so in its skip reason.
+Accuracy bounds are set per source (ACCURACY); every real-data test runs on both.
 """
 import os
 import shutil
@@ -31,9 +30,6 @@ else:
     WEIGHTS = os.path.join(ROOT, "weights", R18_FILE)
     MVTEC_LITE = None  # a renumbered copy of demo_data, made by the mvtec_lite fixture
 FULL_DATA = DATA_SOURCE == "shared"
-needs_full_data = pytest.mark.skipif(
-    not FULL_DATA, reason="needs the full bottle set (209 train / 83 test images) in ../shared or $AD_SHARED_DIR; "
-                          "this run uses the bundled demo_data/ (60 / 20)")
 # Lower bounds (image AUROC, pixel AUROC, PRO) on bottle for the two real fits the tests make
 # (bottle_run: ortho R18 k=100; test_patchcore: coreset R18 10%), per data source. Measured on
 # demo: ortho 1.0000 / 0.9779 / 0.9478, coreset 1.0000 / 0.9767 / 0.9242 (shared ortho: 0.9944 /
@@ -75,13 +71,6 @@ def renumbered_copy(src_root, dst_root):
 def count_images(folder, exclude=None):
     """Images in the sub-folders of `folder` (a split of a category), leaving out sub-folder `exclude`."""
     return sum(len(os.listdir(os.path.join(folder, d))) for d in os.listdir(folder) if d != exclude)
-
-
-@pytest.fixture(scope="session")
-def shared_dir():
-    if not FULL_DATA:
-        pytest.skip(needs_full_data.kwargs["reason"])
-    return _require(SHARED)
 
 
 @pytest.fixture(scope="session")

@@ -15,8 +15,12 @@ import numpy as np
 import paddle
 import pytest
 
+import eval as eval_script
 import models.gaussian as gaussian_module
+import train as train_script
 from models.gaussian import EPSILON, ExactSums, unpack_precision
+from models.parallel import set_cpu_threads
+from utils import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--resize", "64", "--crop_size", "64", "--no_progress", "--cpu_threads", "1", "--num_workers", "1"]
@@ -62,6 +66,20 @@ def train(args, workers=1, log_dir=None, timeout=LAUNCH_TIMEOUT, script="train.p
         cmd += ["-m", "paddle.distributed.launch", "--nproc_per_node", str(workers), "--log_dir", str(log_dir)]
     return subprocess.run(cmd + [script] + [str(a) for a in args] + SMALL, cwd=ROOT, env=clean_env(),
                           capture_output=True, text=True, timeout=timeout)
+
+
+def fit_here(args):
+    """A one-process train.py run in this process (no interpreter start-up): a reference the
+    launches are compared with, or a model they start from."""
+    assert train_script.main([str(a) for a in args] + SMALL) == 0
+
+
+@pytest.fixture(autouse=True)
+def every_core_afterwards():
+    """SMALL's --cpu_threads 1, given to an entry point in this process, stays in force: every
+    core again for the tests after."""
+    yield
+    set_cpu_threads(None)
 
 
 def ok(proc):
@@ -118,8 +136,7 @@ def test_exact_sums_of_parts_add_up_to_the_sums_of_all(monkeypatch, tmp_path):
 @pytest.fixture(scope="module")
 def one_process(data, tmp_path_factory):
     out = tmp_path_factory.mktemp("one")
-    ok(train(["--data_path", data / "two", "--category", "bottle", *ORTHO, "--eval", "--keep_sums",
-              "--save_path", out]))
+    fit_here(["--data_path", data / "two", "--category", "bottle", *ORTHO, "--eval", "--keep_sums", "--save_path", out])
     return out
 
 
@@ -142,7 +159,7 @@ def test_padim_split_over_two_workers_equals_one_process(data, one_process, tmp_
 def test_patchcore_split_over_two_workers_chooses_the_same_coreset(data, tmp_path):
     flags = ["--data_path", data / "two", "--category", "bottle", "--method", "coreset", "--coreset_ratio", "0.1",
              "--eval"]
-    ok(train(flags + ["--save_path", tmp_path / "one"]))
+    fit_here(flags + ["--save_path", tmp_path / "one"])
     ok(train(flags + ["--save_path", tmp_path / "two"], workers=2, log_dir=tmp_path / "log"))
     a, b = load(tmp_path / "two" / "bottle.pdparams"), load(tmp_path / "one" / "bottle.pdparams")
     np.testing.assert_array_equal(a["stats"]["memory_bank"], b["stats"]["memory_bank"])
@@ -157,8 +174,11 @@ def test_evaluation_split_over_two_workers_equals_one_process(data, one_process,
         out = tmp_path / name
         os.makedirs(out)
         shutil.copy(one_process / "bottle.pdparams", out / "bottle.pdparams")
-        ok(train(["--data_path", data / "two", "--category", "bottle", *ORTHO, "--eval_PRO", "--save_path", out],
-                 workers=workers, log_dir=tmp_path / "log", script="eval.py"))
+        args = ["--data_path", data / "two", "--category", "bottle", *ORTHO, "--eval_PRO", "--save_path", out]
+        if workers == 1:
+            assert eval_script.main([str(a) for a in args] + SMALL) == 0
+        else:
+            ok(train(args, workers=workers, log_dir=tmp_path / "log", script="eval.py"))
         record = json.loads((out / "metrics" / "bottle.json").read_text())
         for volatile in ("ms_per_image", "pro_s", "timing"):
             record.pop(volatile, None)
@@ -243,8 +263,8 @@ def digest(path):
 def test_update_equals_a_fit_on_the_union(data, tmp_path):
     model = tmp_path / "a" / "bottle.pdparams"
     flags = ["--category", "bottle", *ORTHO, "--calib_ratio", "0"]
-    ok(train(["--data_path", data / "a", "--keep_sums", "--save_path", tmp_path / "a", *flags]))
-    ok(train(["--data_path", data / "two", "--keep_sums", "--save_path", tmp_path / "union", *flags]))
+    fit_here(["--data_path", data / "a", "--keep_sums", "--save_path", tmp_path / "a", *flags])
+    fit_here(["--data_path", data / "two", "--keep_sums", "--save_path", tmp_path / "union", *flags])
     proc = ok(train(["--update", "--data_path", data / "b", "--model_path", model, *flags]))
     assert "4 images added, 8 in all" in proc.stdout
     for got, want in zip(gaussian(tmp_path / "a" / "bottle.sums.npz"), gaussian(tmp_path / "union" / "bottle.sums.npz")):
@@ -265,10 +285,16 @@ def test_update_equals_a_fit_on_the_union(data, tmp_path):
               "trained with method=ortho"),
              (["--model_path", model, "--category", "bottle", "--method", "coreset"], "are for the PaDiM/OrthoAD")]
     before = digest(model), digest(bare)
-    for extra, message in cases:
-        proc = train(["--update", "--data_path", data / "b", *extra])
-        assert proc.returncode != 0 and message in proc.stderr, proc.stderr
-        assert "Traceback" not in proc.stderr and proc.stderr.startswith("error: ")
+    # The first case as a user meets it (a process: one `error:` line, no traceback); the others
+    # in this process, where train.py raises the UserError that becomes that line.
+    (extra, message), *others = cases
+    proc = train(["--update", "--data_path", data / "b", *extra])
+    assert proc.returncode != 0 and message in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stderr.startswith("error: ")
+    for extra, message in others:
+        with pytest.raises(UserError) as err:
+            train_script.main([str(a) for a in ["--update", "--data_path", data / "b", *extra]] + SMALL)
+        assert message in str(err.value) and "\n" not in str(err.value)
     assert (digest(model), digest(bare)) == before
 
 
@@ -277,8 +303,8 @@ def test_efficientad_data_parallel_steps_checkpoint_and_resume(data, r18_weights
     checkpoint and the model, and --resume continues with the same number of workers."""
     teacher = tmp_path / "teacher.pdparams"
     flags = ["--method", "efficientad", "--backbone_weights", r18_weights, "--teacher_weights", teacher]
-    ok(train(flags + ["--distill", "--distill_data", data / "a" / "bottle" / "train", "--train_steps", "2",
-                      "--save_path", tmp_path]))
+    fit_here(flags + ["--distill", "--distill_data", data / "a" / "bottle" / "train", "--train_steps", "2",
+                      "--save_path", tmp_path])
     out = tmp_path / "run"
     run = flags + ["--data_path", data / "a", "--category", "bottle", "--train_crop", "64", "--split_category",
                    "--save_path", out]

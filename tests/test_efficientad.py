@@ -17,13 +17,13 @@ from models import load_model
 from utils import UserError
 
 ENGINE = {"engine": "inference", "cpu_threads": 2}
-# The short real run (kept small for CI): distillation and training steps on 128 px student
-# crops. At this budget (and at 600 steps) the detector does not yet separate bottle defects
-# reliably (docs/efficientad.md: the student's error still follows the teacher's feature
-# magnitude), so the run asserts that training works: the loss falls, and the whole chain
-# train -> quantiles -> evaluation yields valid metrics.
-CI_DISTILL_STEPS, CI_TRAIN_STEPS, CI_TRAIN_CROP = 200, 100, 128
-CI_LOSS_DROP = 0.9  # mean loss of the last 20 steps <= this x the first 20 (measured: ~0.85)
+# The short real run (kept small for CI: every 8th train and every 6th test image): distillation
+# and training steps on 128 px student crops. At this budget (and at 600 steps) the detector
+# does not yet separate bottle defects reliably (docs/efficientad.md: the student's error still
+# follows the teacher's feature magnitude), so the run asserts that training works: the loss
+# falls, and the whole chain train -> quantiles -> evaluation yields valid metrics.
+CI_DISTILL_STEPS, CI_TRAIN_STEPS, CI_TRAIN_CROP = 60, 60, 128
+CI_LOSS_DROP = 0.9  # mean loss of the last 20 steps <= this x the first 20 (measured: 0.67 ../shared, 0.73 demo)
 
 
 @pytest.fixture(scope="module")
@@ -223,9 +223,9 @@ def _subset_category(src, dst, train_every, test_every):
 
 def test_short_bottle_run_trains_and_evaluates(tmp_path, mvtec_lite, r18_weights, natural_images, capsys):
     """Distil a teacher briefly, train the student a few steps through train.py, and evaluate on
-    a third of the bottle test set."""
+    a sixth of the bottle test set (every 8th train image)."""
     data = tmp_path / "data"
-    _subset_category(os.path.join(mvtec_lite, "bottle"), str(data / "bottle"), train_every=4, test_every=3)
+    _subset_category(os.path.join(mvtec_lite, "bottle"), str(data / "bottle"), train_every=8, test_every=6)
     teacher = str(tmp_path / "teacher.pdparams")
     common = ["--method", "efficientad", "--backbone_weights", r18_weights, "--teacher_weights", teacher,
               "--no_progress", "--cpu_threads", "2"]

@@ -121,6 +121,21 @@ def run_cli(script, *args):
     return proc.returncode, proc.stdout, proc.stderr
 
 
+def run_here(capsys, script, *args):
+    """What run_cli sees, in this process (no interpreter start-up): the script's main under
+    utils.run_cli, as its `__main__` runs it; an unexpected exception (a user's traceback) fails
+    the test here."""
+    import importlib
+
+    from utils import run_cli as script_entry
+    module = importlib.import_module(script[:-len(".py")])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exited:
+        script_entry(lambda: module.main([str(a) for a in args]))
+    out, err = capsys.readouterr()
+    return exited.value.code, out, err
+
+
 def assert_one_line_error(code, err, *needles):
     assert code != 0
     lines = [l for l in err.splitlines() if l.startswith("error:")]
@@ -135,38 +150,41 @@ def train_args(data, save, weights, *extra):
             "--save_path", save, "--no_progress", *extra]
 
 
-def test_bad_inputs_fail_with_one_clear_line(tmp_path, r18_weights):
+def test_bad_inputs_fail_with_one_clear_line(tmp_path, r18_weights, capsys):
     root = str(tmp_path / "data")
     make_synthetic_category(root, "widget")
     save = str(tmp_path / "out")
 
+    # as a user meets it: a process; the other cases in this process (run_here)
     code, _, err = run_cli("train.py", *train_args(str(tmp_path / "missing"), save, r18_weights))
     assert_one_line_error(code, err, "data path not found")
 
-    code, _, err = run_cli("train.py", *train_args(root, save, r18_weights, "--category", "gadget"))
+    code, _, err = run_here(capsys, "train.py", *train_args(root, save, r18_weights, "--category", "gadget"))
     assert_one_line_error(code, err, "category not found: gadget", "widget")
 
-    code, _, err = run_cli("train.py", *train_args(root, save, str(tmp_path / "none.pdparams"), "--category", "widget"))
+    code, _, err = run_here(capsys, "train.py",
+                            *train_args(root, save, str(tmp_path / "none.pdparams"), "--category", "widget"))
     assert_one_line_error(code, err, "backbone weights not found")
 
     wrong = tmp_path / "wrong.pdparams"
     wrong.write_text("not weights")
-    code, _, err = run_cli("train.py", *train_args(root, save, str(wrong), "--category", "widget"))
+    code, _, err = run_here(capsys, "train.py", *train_args(root, save, str(wrong), "--category", "widget"))
     assert_one_line_error(code, err, "cannot read backbone weights")
     assert not os.path.exists(save), "nothing may be written on failure"
 
     empty = os.path.join(root, "empty")
     os.makedirs(os.path.join(empty, "train", "good"))
-    code, _, err = run_cli("train.py", *train_args(root, save, r18_weights, "--category", "empty"))
+    code, _, err = run_here(capsys, "train.py", *train_args(root, save, r18_weights, "--category", "empty"))
     assert_one_line_error(code, err, "no training images")
 
 
-def test_bad_data_files_are_named(tmp_path, r18_weights):
+def test_bad_data_files_are_named(tmp_path, r18_weights, capsys):
     root = str(tmp_path / "data")
     cat = make_synthetic_category(root, "widget")
     save = str(tmp_path / "out")
     corrupt = os.path.join(cat, "train", "good", "002.png")
     open(corrupt, "wb").write(b"\x89PNG garbage")
+    # as a user meets it: a process; the other cases in this process (run_here)
     code, _, err = run_cli("train.py", *train_args(root, save, r18_weights, "--category", "widget"))
     assert_one_line_error(code, err, "002.png")
     assert not os.path.exists(os.path.join(save, "widget.pdparams"))
@@ -174,13 +192,15 @@ def test_bad_data_files_are_named(tmp_path, r18_weights):
     shutil.rmtree(root)
     cat = make_synthetic_category(root, "widget")
     os.remove(os.path.join(cat, "ground_truth", "scratch", "001_mask.png"))
-    code, _, err = run_cli("train.py", *train_args(root, save, r18_weights, "--category", "widget", "--eval"))
+    code, _, err = run_here(capsys, "train.py",
+                            *train_args(root, save, r18_weights, "--category", "widget", "--eval"))
     assert_one_line_error(code, err, "missing ground-truth mask", "001")
 
     shutil.rmtree(root)
     cat = make_synthetic_category(root, "widget")
     Image.new("L", (32, 32)).save(os.path.join(cat, "ground_truth", "scratch", "000_mask.png"))
-    code, _, err = run_cli("train.py", *train_args(root, save, r18_weights, "--category", "widget", "--eval"))
+    code, _, err = run_here(capsys, "train.py",
+                            *train_args(root, save, r18_weights, "--category", "widget", "--eval"))
     assert_one_line_error(code, err, "000_mask.png", "32x32")
     assert not os.path.exists(os.path.join(save, "widget.pdparams"))
 
