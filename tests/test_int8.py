@@ -19,6 +19,7 @@ import train
 from conftest import assert_batches_match_batch_1
 from models import load_model, precision
 from models.quantize import CALIBRATION_IMAGES
+from test_distributed import ORTHO, assert_rel, data, load, ok, train as launch  # noqa: F401 (data: a fixture)
 from test_precision import AVX2_CPU, TINY, fit_tiny, one_line_error
 from utils import UserError
 
@@ -47,7 +48,7 @@ def test_int8_from_fit_to_deployment(avx2, synthetic_root, r18_weights, tmp_path
     fp32 = fit_tiny(synthetic_root, str(tmp_path / "fp32"), r18_weights)
     capsys.readouterr()
     save = str(tmp_path / "int8")
-    state = fit_tiny(synthetic_root, save, r18_weights, "--precision", "int8")
+    state = fit_tiny(synthetic_root, save, r18_weights, "--precision", "int8", "--keep_sums")
     out = capsys.readouterr()
     lines = [line for line in out.out.splitlines() if line.startswith("int8:")]
     assert len(lines) == 1 and "quantised (avg, 5 calibration images)" in lines[0], out.out
@@ -98,6 +99,13 @@ def test_int8_from_fit_to_deployment(avx2, synthetic_root, r18_weights, tmp_path
                                              str(tmp_path / "onnx"), "--onnx"], capsys)
     assert "the ONNX backends (onnxruntime, openvino) run fp32 exports" in err
 
+    # --update adds images through the stored int8 graph, which stays the model's
+    assert train.main(["--data_path", synthetic_root, "--category", "widget", *TINY, "--save_path", save,
+                       "--no_progress", "--cpu_threads", "2", "--update"]) == 0
+    updated = load_model(os.path.join(save, "widget.pdparams"))
+    assert updated["int8_graph"]["model"].tobytes() == graph["model"].tobytes()
+    assert updated["config"]["precision"] == "int8" and updated["version"]["parent"] == state["version"]["id"]
+
 
 def test_int8_accuracy_within_bounds_on_bottle(avx2, bottle_run, mvtec_lite, r18_weights, tmp_path, capsys):
     """OrthoAD R18 k=100 on bottle fitted and evaluated at int8 against the fp32 run (the shared
@@ -139,3 +147,19 @@ def test_efficientad_int8_is_refused(avx2, synthetic_root, tmp_path, capsys):
     err = one_line_error(train.main, ["--data_path", synthetic_root, "--category", "widget", "--method", "efficientad",
                                       "--save_path", str(tmp_path / "e"), "--precision", "int8"], capsys)
     assert "--precision int8 is for the ResNet feature networks (PaDiM/OrthoAD, PatchCore)" in err
+
+
+def test_int8_fit_over_two_workers_equals_one_process(data, tmp_path):  # noqa: F811 (the fixture)
+    """Every worker calibrates on the same first images of the fit: the same quantised graph, byte
+    for byte, so the statistics summed over two workers equal one process's."""
+    outs = {}
+    for workers in (1, 2):
+        outs[workers] = tmp_path / f"w{workers}"
+        ok(launch(["--data_path", data / "two", "--category", "bottle", *ORTHO, "--eval", "--precision", "int8",
+                   "--save_path", outs[workers]], workers=workers, log_dir=tmp_path / "log"))
+    a, b = (load(outs[w] / "bottle.pdparams") for w in (1, 2))
+    assert a["int8_graph"]["model"].tobytes() == b["int8_graph"]["model"].tobytes()
+    assert a["int8_graph"]["params"].tobytes() == b["int8_graph"]["params"].tobytes()
+    assert a["config"]["precision"] == b["config"]["precision"] == "int8"
+    assert_rel(a["stats"]["mean"], b["stats"]["mean"])
+    assert (outs[1] / "results.csv").read_text() == (outs[2] / "results.csv").read_text()
