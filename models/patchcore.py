@@ -284,7 +284,6 @@ class PatchCore:
         net = PatchCoreFeatureNet(self.config["arch"])
         net.set_state_dict(state["net"])
         net.eval()
-        net.int8_graph = state.get("int8_graph")  # what --precision int8 runs (models/quantize.py)
         return net
 
     def fit(self, batches, engine_kwargs, weights_path, progress=True, group=None):
@@ -297,8 +296,6 @@ class PatchCore:
         state = {"net": {k: v.numpy() for k, v in net.state_dict().items()}, "stats": {"memory_bank": bank},
                  "projection": projection,
                  "train_patches": patches if group is None else sum(group.gather(patches, "counting the patches"))}
-        if getattr(net, "int8_graph", None) is not None:
-            state["int8_graph"] = net.int8_graph
         return state, engine
 
     def feature_engine(self, weights_path, engine_kwargs):

@@ -7,7 +7,8 @@ precision a run uses.
     int8  oneDNN int8 kernels (config.enable_mkldnn_int8()) over the network quantised at fit
           time (models/quantize.py): native with AVX2 (u8s8 kernels; measured ~2x faster than
           fp32 on an AVX2-only AMD EPYC, docs/precision.md), faster still with AVX512-VNNI,
-          AVX-VNNI or AMX-INT8. Only a model fitted at int8 has the quantised graph.
+          AVX-VNNI or AMX-INT8. Only a model fitted at int8 has the quantised graph
+          (PaDiM/OrthoAD; PatchCore and EfficientAD refuse int8: models/quantize.py).
     auto  bf16 where native, else fp32
 
 Emulated bf16 is slower than fp32 and no one wants it by accident: a precision this CPU lacks is

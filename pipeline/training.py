@@ -11,7 +11,7 @@ from datasets.transforms import Preprocess
 from datasets.verify import check_samples
 from pipeline.evaluation import detector_for, evaluate_category, normal_calibration, with_version
 from models import build_method, precision, save_model
-from models.quantize import CALIBRATION_IMAGES, EFFICIENTAD_NO_INT8
+from models.quantize import CALIBRATION_IMAGES, INT8_REFUSED
 from models.padim_sums import save_sums
 from utils import UserError, fmt, peak_rss_mb, set_seed
 
@@ -99,8 +99,8 @@ def resolve_precision(args):
     lacks it, or for int8 where the method has no quantised network. An --update adds features at the model's own precision (pipeline/updating.py)."""
     if not args.update:
         args.precision = precision.resolve(args.precision, args.use_gpu)
-    if args.precision == "int8" and args.method == "efficientad" and not args.use_gpu:
-        raise UserError(EFFICIENTAD_NO_INT8)
+    if args.precision == "int8" and args.method in INT8_REFUSED and not args.use_gpu:
+        raise UserError(INT8_REFUSED[args.method])
 
 
 def distill_teacher(args):
