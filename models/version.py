@@ -4,9 +4,9 @@
                         "trained_at": "2026-12-03T16:40:00Z", "train_images": 209,
                         "parent": "9a8b7c6d5e4f" | None}  # the model it was updated from
 
-The id hashes the network weights (and the quantised int8 graph), the projection, the statistics or memory bank, the
-preprocessing and method config and the thresholds: two models that answer alike share it, and
-anything that changes an answer (refit, --update, new thresholds from eval.py) changes it.
+The id hashes the network weights (and the int8 graph's quantised weights and scales), the
+projection, the statistics or memory bank, the preprocessing and method config and the
+thresholds: two models that answer alike share it, and anything that changes an answer (refit, --update, new thresholds from eval.py) changes it.
 Timestamps, paths and the image count are metadata, not part of the hash.
 """
 import datetime

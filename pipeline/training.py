@@ -57,7 +57,8 @@ def train_category(args, category):
     mine = scaleout.share_of(fit_samples, group) if shares else fit_samples
     kwargs = engine_kwargs(args, args.precision)
     if args.precision == "int8" and not args.use_gpu:  # calibrated on the same images by every worker
-        kwargs["calibration"] = np.concatenate(list(image_batches(fit_samples[:CALIBRATION_IMAGES], args, preprocess)()))
+        first = image_batches(fit_samples[:CALIBRATION_IMAGES], args, preprocess)
+        kwargs["calibration"] = np.concatenate(list(first()))
     state, engine = method.fit(image_batches(mine, args, preprocess), kwargs,
                                args.backbone_weights, progress=not args.no_progress, **options)
     fit_s = time.perf_counter() - t0
@@ -96,7 +97,8 @@ def train_category(args, category):
 
 def resolve_precision(args):
     """A new fit's --precision: None -> fp32, auto -> bf16 where native; one line where this CPU
-    lacks it, or for int8 where the method has no quantised network. An --update adds features at the model's own precision (pipeline/updating.py)."""
+    lacks it, or for int8 where the method's accuracy is not held (models/quantize.py). An --update
+    adds features at the model's own precision (pipeline/updating.py)."""
     if not args.update:
         args.precision = precision.resolve(args.precision, args.use_gpu)
     if args.precision == "int8" and args.method in INT8_REFUSED and not args.use_gpu:

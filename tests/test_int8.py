@@ -63,7 +63,8 @@ def test_int8_from_fit_to_deployment(avx2, synthetic_root, r18_weights, tmp_path
     images = sorted(os.path.join(synthetic_root, "widget", "test", kind, f) for kind in ("good", "scratch")
                     for f in os.listdir(os.path.join(synthetic_root, "widget", "test", kind)))
     deployed = str(tmp_path / "deployed")
-    assert export_model.main([*TINY, "--model_path", os.path.join(save, "widget.pdparams"), "--save_dir", deployed]) == 0
+    model = os.path.join(save, "widget.pdparams")
+    assert export_model.main([*TINY, "--model_path", model, "--save_dir", deployed]) == 0
     assert sorted(os.listdir(deployed)) == ["model.pdiparams", "model.pdmodel", "stats.npz"]
     with open(os.path.join(deployed, "model.pdmodel"), "rb") as f:
         assert f.read() == graph["model"].tobytes()
