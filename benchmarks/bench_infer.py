@@ -8,7 +8,7 @@ whole infer.py pipeline split into preprocess / network / scoring, with the rati
 and its projection for a network 3.7x faster (bf16 on AMX). Prints figures; asserts nothing.
 
     python benchmarks/bench_infer.py [--methods ortho,coreset,coreset10] [--batch_size 1,8] [--threads 2]
-        [--images 40] [--backends paddle,openvino] [--precision fp32,bf16]
+        [--images 40] [--backends paddle,openvino] [--precision fp32,bf16,int8]
     # --precision: each precision this CPU runs natively fitted, deployed and timed in the same run, side by side
 """
 import argparse
@@ -27,13 +27,14 @@ from pipeline import evaluation  # noqa: E402
 import export_model  # noqa: E402
 import infer  # noqa: E402
 import train  # noqa: E402
-from datasets import test_samples  # noqa: E402
+from datasets import test_samples, train_samples  # noqa: E402
 from datasets.unreadable import UnreadableImages  # noqa: E402
 from deploy.predictor import load_deployed, resolve_files  # noqa: E402
 from deploy.timing import StageTimer  # noqa: E402
 from models import build_method  # noqa: E402
 from models.backbone import make_engine  # noqa: E402
 from models.postprocess import Detector  # noqa: E402
+from models.quantize import CALIBRATION_IMAGES  # noqa: E402
 from utils import format_table  # noqa: E402
 
 METHOD_FLAGS = {
@@ -281,7 +282,10 @@ def main():
     samples = test_samples(DATA, "bottle")[: args.images]
     paths = [s.image_path for s in samples]
     images = load_images(samples)
-    floors = {p: make_engine(bare_backbone(), (3, 224, 224), cpu_threads=args.threads, enable_mkldnn=True, precision=p)
+    # int8: the bare network quantised like a fit's, on the first training images
+    calibration = load_images(train_samples(DATA, "bottle")[:CALIBRATION_IMAGES]) if "int8" in precisions else None
+    floors = {p: make_engine(bare_backbone(), (3, 224, 224), cpu_threads=args.threads, enable_mkldnn=True, precision=p,
+                             calibration=calibration if p == "int8" else None)
               for p in precisions}
     results = {p: {} for p in precisions}
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,6 +1,7 @@
 """Export a trained model to a static graph + one stats file.
 
-    <save_dir>/model.json | model.pdmodel   static feature network (Paddle 3 PIR | Paddle 2)
+    <save_dir>/model.json | model.pdmodel   static feature network (Paddle 3 PIR | Paddle 2, or the
+                                            quantised old-IR graph of an int8 export)
     <save_dir>/model.pdiparams              its weights
     <save_dir>/stats.npz                    statistics, thresholds, preprocessing and method config
     <save_dir>/model.onnx                   with --onnx (paddle2onnx)
@@ -17,6 +18,7 @@ from deploy.predictor import DEPLOY_FORMAT, STATS_FILE
 from models import build_method, check_model_matches, load_model
 from models.backbone import save_static
 from models.precision import check as check_precision, for_model
+from models.quantize import INT8_NO_ONNX, write_graph
 from models.version import version_of
 from utils import UserError, atomic_dir, atomic_path
 
@@ -35,8 +37,10 @@ def export_model(model_path, save_dir, onnx=False, expect=None, opset=11, precis
     check_replaceable(save_dir)
     cfg = state["config"]
     run_precision = for_model(precision, cfg, runs_here=False)
-    if run_precision in ("int8", "fp16"):
+    if run_precision == "fp16":
         check_precision(run_precision)  # the one-line refusal: no CPU runs these exports
+    if run_precision == "int8" and onnx:
+        raise UserError(INT8_NO_ONNX)
     method = build_method(cfg)
     shape = Preprocess.from_config(cfg).input_shape
     meta = {"format": DEPLOY_FORMAT, "config": cfg, "calibration": state["calibration"],
@@ -45,7 +49,11 @@ def export_model(model_path, save_dir, onnx=False, expect=None, opset=11, precis
             "precision": run_precision}
     arrays = {f"stats/{k}": np.asarray(v) for k, v in state["stats"].items()}
     with atomic_dir(save_dir) as tmp:
-        model_file = save_static(method.feature_net(state), os.path.join(tmp, "model"), shape)
+        net = method.feature_net(state)
+        if run_precision == "int8":  # the quantised graph the model was fitted on (old IR: model.pdmodel)
+            model_file = write_graph(net.int8_graph, tmp)[0]
+        else:
+            model_file = save_static(net, os.path.join(tmp, "model"), shape)
         with open(os.path.join(tmp, STATS_FILE), "wb") as f:
             np.savez(f, meta=np.frombuffer(json.dumps(meta).encode(), np.uint8), **arrays)
         written = [model_file, os.path.join(tmp, "model.pdiparams"), os.path.join(tmp, STATS_FILE)]

@@ -14,7 +14,8 @@ from models import build_method
 from models.backbone import InferenceEngine, model_file_for
 from models.parallel import set_cpu_threads
 from models.postprocess import Detector
-from models.precision import for_model
+from models.precision import INT8_NEEDS_FIT, for_model, recorded
+from models.quantize import INT8_NO_ONNX
 from utils import UserError
 
 STATS_FILE = "stats.npz"
@@ -87,6 +88,22 @@ def resolve_files(model_dir=None, model_file=None, params_file=None, stats=None)
     return model_file, params_file, stats
 
 
+def check_int8_export(exported, chosen, backend, use_gpu, own):
+    """An int8 export holds only the quantised graph, run by oneDNN's int8 kernels on Paddle
+    Inference; any other export holds the float graph, which has no int8 calibration."""
+    if chosen == "int8" and (backend != "paddle" or use_gpu):
+        raise UserError(INT8_NO_ONNX if backend != "paddle" else
+                        "an int8 export runs on the CPU (oneDNN int8); --use_gpu runs fp32 exports")
+    if exported == "int8" and chosen != "int8":
+        raise UserError(f"this export holds the int8 graph only; to run at {chosen}, export the model again with "
+                        f"export_model.py --precision {chosen}")
+    if exported != "int8" and chosen == "int8":
+        if own != "int8":
+            raise UserError(INT8_NEEDS_FIT.format(own=own))
+        raise UserError(f"this export holds the {exported or 'fp32'} graph, with no int8 calibration: export an int8 "
+                        f"model with export_model.py --precision int8")
+
+
 def load_deployed(model_file, params_file, stats_path, backend="paddle", **config_kwargs):
     """-> (Detector, meta). Checks that the graph's output matches the statistics."""
     meta, stats = load_stats(stats_path)
@@ -96,8 +113,13 @@ def load_deployed(model_file, params_file, stats_path, backend="paddle", **confi
         raise UserError(f"unknown --backend {backend}; choose {', '.join(BACKENDS)}")
     # By default the precision export_model.py recorded (the model's own unless exported with --precision).
     # Paddle Inference's precision is checked against this CPU here; the ONNX runtimes check theirs.
+    requested, use_gpu = config_kwargs.get("precision"), config_kwargs.get("use_gpu", False)
+    if requested != "auto":  # before for_model's override note: the refusal is the one line
+        check_int8_export(meta.get("precision"), requested or meta.get("precision") or "fp32", backend, use_gpu,
+                          recorded(cfg))
     chosen = for_model(config_kwargs.get("precision"), cfg, config_kwargs.get("use_gpu", False),
                        runs_here=backend == "paddle", default=meta.get("precision"))
+    check_int8_export(meta.get("precision"), chosen, backend, use_gpu, recorded(cfg))
     config_kwargs = dict(config_kwargs, precision=chosen)
     meta["precision"] = config_kwargs["precision"]  # what it runs at
     if backend == "onnxruntime" and config_kwargs["precision"] != "fp32":

@@ -6,6 +6,7 @@ feature path keeps scores identical across entry points, and the inference engin
 oneDNN is ~4x faster than eager mode on CPU. `engine='eager'` runs the same network in
 dygraph (for debugging, GPU without Paddle Inference, and parity tests).
 """
+import contextlib
 import os
 import shutil
 import tempfile
@@ -15,7 +16,8 @@ import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 
-from models.precision import check as check_precision
+from models.precision import INT8_NEEDS_FIT, check as check_precision
+from models.quantize import feature_error, quantize, quiet_native_output, write_graph
 from utils import UserError, load_pdparams
 
 ARCHS = ("resnet18", "resnet50", "wide_resnet50_2")
@@ -179,13 +181,17 @@ def inference_config(model_file, params_file, use_gpu=False, enable_mkldnn=True,
 
 
 def _set_cpu_precision(config, precision, enable_mkldnn):
-    """bf16 runs through oneDNN's bf16 kernels; which precisions this CPU may use is decided
-    before (models/precision.py), this only configures it."""
-    if precision != "bf16":
-        check_precision(precision)  # fp16 / int8 on CPU: the one-line refusal
+    """bf16 runs through oneDNN's bf16 kernels, int8 (a graph quantised by models/quantize.py)
+    through its int8 ones; which precisions this CPU may use is decided before
+    (models/precision.py), this only configures it."""
+    if precision not in ("bf16", "int8"):
+        check_precision(precision)  # fp16 on CPU: the one-line refusal
     if not enable_mkldnn:
-        raise UserError("--precision bf16 runs on oneDNN's bf16 kernels: keep --enable_mkldnn True")
-    config.enable_mkldnn_bfloat16()
+        raise UserError(f"--precision {precision} runs on oneDNN's {precision} kernels: keep --enable_mkldnn True")
+    if precision == "bf16":
+        config.enable_mkldnn_bfloat16()
+    else:  # without it the quantised graph runs its fake-quant ops in fp32, ~5x slower
+        config.enable_mkldnn_int8()
 
 
 class InferenceEngine:
@@ -194,7 +200,9 @@ class InferenceEngine:
     def __init__(self, model_file, params_file, **config_kwargs):
         from paddle import inference
         try:
-            self.predictor = inference.create_predictor(inference_config(model_file, params_file, **config_kwargs))
+            config = inference_config(model_file, params_file, **config_kwargs)
+            with quiet_native_output() if config_kwargs.get("precision") == "int8" else contextlib.nullcontext():
+                self.predictor = inference.create_predictor(config)
         except UserError:
             raise
         except Exception as err:
@@ -228,9 +236,11 @@ def run_in_chunks(engine, images, chunk=1):
     return [np.concatenate([p[j] for p in parts]) for j in range(len(parts[0]))]
 
 
-def make_engine(net, input_shape, engine="inference", **config_kwargs):
+def make_engine(net, input_shape, engine="inference", calibration=None, **config_kwargs):
     """Compile `net` for the chosen engine. The inference engine goes through the same
-    jit.save files that export_model.py writes, so training and deployment share one graph."""
+    jit.save files that export_model.py writes, so training and deployment share one graph.
+    At int8 it runs the net's quantised graph (net.int8_graph, set by the method's feature_net
+    from the model), made here first from `calibration` images when a fit asks for it."""
     if engine == "eager":
         if config_kwargs.get("precision", "fp32") != "fp32":
             raise UserError(f"--engine eager runs fp32; --precision {config_kwargs['precision']} runs on the "
@@ -240,7 +250,27 @@ def make_engine(net, input_shape, engine="inference", **config_kwargs):
         raise UserError(f"unknown --engine {engine}; choose inference or eager")
     folder = tempfile.mkdtemp(prefix="ad_engine_")
     try:
+        if config_kwargs.get("precision") == "int8" and not config_kwargs.get("use_gpu"):  # GPU: TensorRT's
+            return _int8_engine(net, input_shape, calibration, folder, config_kwargs)
         model_file = save_static(net, os.path.join(folder, "model"), input_shape)
         return InferenceEngine(model_file, os.path.join(folder, "model.pdiparams"), **config_kwargs)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def _int8_engine(net, input_shape, calibration, folder, config_kwargs):
+    """The inference engine over net.int8_graph; with `calibration` (a fit) the graph is made
+    first, its feature error against fp32 on the calibration images said in one line and kept."""
+    graph = getattr(net, "int8_graph", None)
+    if graph is None:
+        if calibration is None:
+            raise UserError(INT8_NEEDS_FIT.format(own="fp32"))
+        graph = quantize(net, input_shape, calibration)
+        reference = run_in_chunks(make_engine(net, input_shape, **dict(config_kwargs, precision="fp32")), calibration)
+        engine = InferenceEngine(*write_graph(graph, folder), **config_kwargs)
+        graph["feature_error"] = feature_error(reference, run_in_chunks(engine, calibration))
+        net.int8_graph = graph
+        print(f"int8: feature network quantised ({graph['algo']}, {graph['images']} calibration images); "
+              f"features {100 * graph['feature_error']:.1f}% mean relative error against fp32 on them")
+        return engine
+    return InferenceEngine(*write_graph(graph, folder), **config_kwargs)

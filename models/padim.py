@@ -147,6 +147,7 @@ class PaDiM:
         net = PaDiMFeatureNet(self.config["arch"], state["projection_kind"], state["projection"])
         net.set_state_dict(state["net"])
         net.eval()
+        net.int8_graph = state.get("int8_graph")  # what --precision int8 runs (models/quantize.py)
         return net
 
     def fit(self, batches, engine_kwargs, weights_path, progress=True, group=None, keep_sums=False):
@@ -160,7 +161,9 @@ class PaDiM:
         net.backbone.load_pretrained(weights_path)
         gram = None
         if cfg["method"] == "svd_ortho":  # a first pass over the full-channel features
-            gram = _gram_matrix(make_engine(net, shape, **engine_kwargs), batches(), progress, group)
+            # The projection is chosen on fp32 features; int8 quantises the projected network below.
+            gram = _gram_matrix(make_engine(net, shape, **dict(engine_kwargs, precision="fp32", calibration=None)),
+                                batches(), progress, group)
         kind, projection = make_projection(cfg["method"], self._channels(), cfg["k"], cfg["seed"], gram)
         net.set_projection(kind, projection)
         engine = make_engine(net, shape, **engine_kwargs)
@@ -174,6 +177,8 @@ class PaDiM:
         state = {"projection_kind": kind, "projection": projection,
                  "net": {k: v.numpy() for k, v in net.state_dict().items()},
                  "stats": {"mean": mean, "precision_packed": packed, "precision_scale": scale}}
+        if getattr(net, "int8_graph", None) is not None:
+            state["int8_graph"] = net.int8_graph
         if tiles > 1:
             state["stats"]["tiles"] = np.array(tiles)  # score() regroups each image's tiles (deployment too)
         if sums is not None:

@@ -4,7 +4,11 @@ precision a run uses.
     fp32  every CPU (the default; the reproduction's numbers and the parity tests are fp32)
     bf16  oneDNN bf16 kernels (config.enable_mkldnn_bfloat16()): native with AMX-BF16
           (Intel Xeon 4th gen+) or AVX512-BF16 (Intel Cooper Lake, AMD Zen 4+)
-    int8  not offered (INT8_NOT_OFFERED says why)
+    int8  oneDNN int8 kernels (config.enable_mkldnn_int8()) over the network quantised at fit
+          time (models/quantize.py): native with AVX2 (u8s8 kernels; measured ~2x faster than
+          fp32 on an AVX2-only AMD EPYC, docs/precision.md), faster still with AVX512-VNNI,
+          AVX-VNNI or AMX-INT8. Only a model fitted at int8 has the quantised graph
+          (PaDiM/OrthoAD; PatchCore and EfficientAD refuse int8: models/quantize.py).
     auto  bf16 where native, else fp32
 
 Emulated bf16 is slower than fp32 and no one wants it by accident: a precision this CPU lacks is
@@ -27,17 +31,12 @@ PRECISIONS = ("fp32", "bf16", "int8")
 GPU_ONLY = ("fp16",)  # TensorRT (--use_gpu --use_tensorrt)
 FLAGS_ENV = "AD_CPU_FLAGS"
 # Any one of these makes the precision native (lscpu / /proc/cpuinfo names).
-NATIVE_FLAGS = {"bf16": ("amx_bf16", "avx512_bf16"), "int8": ("amx_int8", "avx512_vnni", "avx_vnni")}
+NATIVE_FLAGS = {"bf16": ("amx_bf16", "avx512_bf16"), "int8": ("amx_int8", "avx512_vnni", "avx_vnni", "avx2")}
 HEADER_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_tile", "amx_bf16",
                 "amx_int8")
-# Measured in this project on Paddle 3.2.2 (docs/precision.md): its post-training quantisation
-# loads only old-IR programs. The old-IR route runs (OrthoAD on bottle held its metrics in one
-# experiment) but would carry a second, deprecated graph format through fit, model, export and
-# deployment; it is left to a follow-up. A hand-written quantiser is out of scope.
-INT8_NOT_OFFERED = ("int8 is not offered: Paddle 3.2.2's post-training quantisation "
-                    "(paddle.static.quantization.PostTrainingQuantization) cannot load the PIR (.json) feature "
-                    "graphs this project writes (AssertionError: assert isinstance(program, Program)); "
-                    "see docs/precision.md")
+# int8 needs the calibration made at fit time (the quantised graph lives in the model).
+INT8_NEEDS_FIT = ("--precision int8 runs the feature network quantised at fit time, which this model lacks (it was "
+                  "fitted at {own}): fit it with train.py --precision int8")
 _printed = set()
 
 
@@ -121,8 +120,6 @@ def check(precision, use_gpu=False):
         return precision
     if precision in GPU_ONLY:
         raise UserError(f"--precision {precision} is a GPU precision (TensorRT); on CPU use fp32, bf16 or auto")
-    if precision == "int8":
-        raise UserError(INT8_NOT_OFFERED)
     lacks = missing(precision)
     if lacks:
         raise UserError(f"--precision {precision} needs native {precision} and {lacks}: emulated {precision} is "
@@ -165,6 +162,8 @@ def for_model(requested, config, use_gpu=False, runs_here=True, default=None):
         chosen = own
     else:
         chosen = requested if requested in PRECISIONS and not runs_here else resolve(requested, use_gpu)
+    if chosen == "int8" and own != "int8" and not use_gpu:  # GPU int8: TensorRT calibrates itself
+        raise UserError(INT8_NEEDS_FIT.format(own=own))
     if runs_here and chosen != "fp32":
         check(chosen, use_gpu)
     if chosen != own:

@@ -4,9 +4,9 @@
                         "trained_at": "2026-12-03T16:40:00Z", "train_images": 209,
                         "parent": "9a8b7c6d5e4f" | None}  # the model it was updated from
 
-The id hashes the network weights, the projection, the statistics or memory bank, the
-preprocessing and method config and the thresholds: two models that answer alike share it, and
-anything that changes an answer (refit, --update, new thresholds from eval.py) changes it.
+The id hashes the network weights (and the int8 graph's quantised weights and scales), the
+projection, the statistics or memory bank, the preprocessing and method config and the
+thresholds: two models that answer alike share it, and anything that changes an answer (refit, --update, new thresholds from eval.py) changes it.
 Timestamps, paths and the image count are metadata, not part of the hash.
 """
 import datetime
@@ -17,7 +17,7 @@ import numpy as np
 
 ID_CHARS = 12
 # What decides a model's answers; anything else in the state (split, category, sums) does not.
-HASHED_KEYS = ("config", "net", "projection_kind", "projection", "stats", "calibration")
+HASHED_KEYS = ("config", "net", "projection_kind", "projection", "stats", "calibration", "int8_graph")
 
 
 def _feed(h, obj):
@@ -36,13 +36,22 @@ def _feed(h, obj):
         h.update(json.dumps(obj, sort_keys=True, default=str).encode())
 
 
+def _answering_part(key, value):
+    """The int8 graph's weights and activation scales (its params) decide its answers; its
+    program's bytes do not: Paddle's quantiser orders the same ops differently from one process
+    to the next, and the ops follow from the net and config, which are hashed."""
+    if key == "int8_graph":
+        return {k: v for k, v in value.items() if k != "model"}
+    return value
+
+
 def version_id(state):
     """The hash of what decides the model's answers (12 hex characters)."""
     h = hashlib.sha256()
     for key in HASHED_KEYS:
         if key in state:
             h.update(f"[{key}]".encode())
-            _feed(h, state[key])
+            _feed(h, _answering_part(key, state[key]))
     return h.hexdigest()[:ID_CHARS]
 
 

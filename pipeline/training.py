@@ -11,6 +11,7 @@ from datasets.transforms import Preprocess
 from datasets.verify import check_samples
 from pipeline.evaluation import detector_for, evaluate_category, normal_calibration, with_version
 from models import build_method, precision, save_model
+from models.quantize import CALIBRATION_IMAGES, INT8_REFUSED
 from models.padim_sums import save_sums
 from utils import UserError, fmt, peak_rss_mb, set_seed
 
@@ -54,7 +55,11 @@ def train_category(args, category):
         options["keep_sums"] = True
     shares = group is not None and not getattr(method, "DATA_PARALLEL", False)  # else each reads all
     mine = scaleout.share_of(fit_samples, group) if shares else fit_samples
-    state, engine = method.fit(image_batches(mine, args, preprocess), engine_kwargs(args, args.precision),
+    kwargs = engine_kwargs(args, args.precision)
+    if args.precision == "int8" and not args.use_gpu:  # calibrated on the same images by every worker
+        first = image_batches(fit_samples[:CALIBRATION_IMAGES], args, preprocess)
+        kwargs["calibration"] = np.concatenate(list(first()))
+    state, engine = method.fit(image_batches(mine, args, preprocess), kwargs,
                                args.backbone_weights, progress=not args.no_progress, **options)
     fit_s = time.perf_counter() - t0
     sums = state.pop("sums", None)
@@ -92,9 +97,12 @@ def train_category(args, category):
 
 def resolve_precision(args):
     """A new fit's --precision: None -> fp32, auto -> bf16 where native; one line where this CPU
-    lacks it. An --update adds features at the model's own precision (pipeline/updating.py)."""
+    lacks it, or for int8 where the method's accuracy is not held (models/quantize.py). An --update
+    adds features at the model's own precision (pipeline/updating.py)."""
     if not args.update:
         args.precision = precision.resolve(args.precision, args.use_gpu)
+    if args.precision == "int8" and args.method in INT8_REFUSED and not args.use_gpu:
+        raise UserError(INT8_REFUSED[args.method])
 
 
 def distill_teacher(args):

@@ -80,7 +80,7 @@ def test_bf16_refused_where_not_native_int8_and_gpu_not_offered(exported):
     else:
         with pytest.raises(UserError, match="bf16 refused: this CPU has neither AMX-BF16 nor AVX512-BF16"):
             load_deployed(*files, backend="openvino", cpu_threads=2, precision="bf16")
-    with pytest.raises(UserError, match="runs fp32 or bf16, not --precision int8"):
+    with pytest.raises(UserError, match="the ONNX backends \\(onnxruntime, openvino\\) run fp32 exports"):
         load_deployed(*files, backend="openvino", cpu_threads=2, precision="int8")
     with pytest.raises(UserError, match="--backend openvino runs on the CPU here"):
         load_deployed(*files, backend="openvino", use_gpu=True)

@@ -59,7 +59,7 @@ def test_flags_override_decides_what_is_native(monkeypatch):
     monkeypatch.setenv("AD_CPU_FLAGS", BF16_CPU)
     flags, source = precision.cpu_flags()
     assert source == "AD_CPU_FLAGS" and "amx_bf16" in flags
-    assert precision.native("bf16") and not precision.native("int8")
+    assert precision.native("bf16") and precision.native("int8")  # AVX2 runs oneDNN's u8s8 int8 kernels
     assert precision.resolve("auto") == "bf16"
     header = precision.header_line()
     assert "amx_bf16" in header and "-amx_int8" in header and "native bf16: yes" in header
@@ -80,7 +80,6 @@ def test_real_cpu_flags_match_proc_cpuinfo(monkeypatch):
 
 @pytest.mark.parametrize("value,message", [
     ("bf16", "--precision bf16 needs native bf16 and this CPU lacks amx_bf16 and avx512_bf16 (AD_CPU_FLAGS)"),
-    ("int8", "int8 is not offered: Paddle 3.2.2's post-training quantisation"),
     ("fp16", "--precision fp16 is a GPU precision (TensorRT)"),
 ])
 def test_refusals_are_one_line(value, message, monkeypatch, synthetic_root, r18_weights, tmp_path, capsys):
@@ -109,7 +108,7 @@ def test_which_precision_a_fitted_model_runs_at(monkeypatch, capsys):
     assert precision.for_model("fp16", {"precision": "fp32"}, use_gpu=True) == "fp16"
     with pytest.raises(UserError, match="--precision bf16 is a CPU precision here"):
         precision.check("bf16", use_gpu=True)
-    with pytest.raises(UserError, match="int8 is not offered"):
+    with pytest.raises(UserError, match="fit it with train.py --precision int8"):
         precision.for_model("int8", {"precision": "fp32"})
 
 
