@@ -81,9 +81,29 @@ def prepare(args):
     t0 = time.perf_counter()
     xml = engine.export(model=model, export_type=ExportType.OPENVINO, export_root=args.work)
     info = {"xml": str(xml), "fit_s": fit_s, "export_s": time.perf_counter() - t0, "torch": torch.__version__}
+    info.update(single_image_ir(str(xml)))
     with open(os.path.join(args.work, "prepared.json"), "w") as f:
         json.dump(info, f)
     print(json.dumps(info))
+
+
+def single_image_ir(xml):
+    """{} when the exported IR takes one image, as OpenVINOInferencer.predict feeds it. anomalib
+    2.7.0's PatchCore export (torch 2.14's dynamo exporter) comes out with the batch fixed at the
+    example input's 2: then the IR's input is reshaped to batch 1 with OpenVINO (model.reshape,
+    nothing else changed) and saved beside it -> {"xml": that IR, "batch_fixed_at": 2}."""
+    import openvino as ov
+    core = ov.Core()
+    model = core.read_model(xml)
+    batch = model.input(0).get_partial_shape()[0]
+    if batch.is_dynamic or batch.get_length() == 1:
+        return {}
+    shape = model.input(0).get_partial_shape()
+    shape[0] = 1
+    model.reshape({model.input(0): shape})
+    single = xml.replace(".xml", "_batch1.xml")
+    ov.save_model(model, single, compress_to_fp16=False)
+    return {"xml": single, "batch_fixed_at": batch.get_length()}
 
 
 def bf16_missing():

@@ -122,6 +122,9 @@ def prepare_anomalib(args, name, tmp, weights):
             info = json.load(f)
         print(f"[anomalib {METHODS[name][3]} {size}px] Engine.fit {info['fit_s']:.0f} s (one epoch + its validation "
               f"pass), export to OpenVINO IR {info['export_s']:.0f} s, torch {info['torch']}")
+        if "batch_fixed_at" in info:
+            print(f"[anomalib {METHODS[name][3]} {size}px] its exported IR takes exactly {info['batch_fixed_at']} "
+                  f"images, and OpenVINOInferencer feeds one: its input reshaped to batch 1 (OpenVINO model.reshape)")
         prepared[size] = work
     return prepared
 
