@@ -166,8 +166,7 @@ def method_figures(name, precision, tmp, args, paths, images, samples, floor, ba
             model_images = load_images(samples[:10], eager_args.resize, eager_args.crop_size)
             eager_ms = 1000 * time_per_image(eager.raw, model_images)
             print(f"[{tag}] eager predict (network + post-processing, no image loading): {eager_ms:.1f} "
-                  f"ms/img = {eager_ms / total:.1f}x infer.py;  anomalib here: PaDiM 58 ms/img, "
-                  f"PatchCore 138 ms/img")
+                  f"ms/img = {eager_ms / total:.1f}x infer.py (anomalib in the same run: bench_vs_anomalib.py)")
     with open(os.path.join(run, f"bench{batches[-1]}.log")) as f:
         print(f"[{tag}] cpu_rss {json.loads(f.read().splitlines()[-1])['cpu_rss_mb']} MB")
     return figures
