@@ -38,10 +38,26 @@
   }
 
   // Review marks: "good" (a false alarm) or "defect" (a miss), kept in localStorage under the
-  // page's key (its models' versions and images) so that a reload finds them again.
+  // page's key (its models' versions and images) so that a reload or a later visit finds them.
+  // The tab's window.name holds them too and wins on a reload: Chromium sometimes reloads a file://
+  // page into a process whose localStorage is empty and whose writes are dropped later (measured:
+  // 8 of 30 immediate reloads in headless Chromium 156), while window.name survives every reload.
   const review = $("review").dataset;
+  function readJson(text) {  // an object, or {} for anything else (window.name may hold another page's text)
+    try { const v = JSON.parse(text || "{}"); return v && typeof v === "object" && !Array.isArray(v) ? v : {}; }
+    catch (e) { return {}; }
+  }
   let marks = {};
-  try { marks = JSON.parse(localStorage.getItem(review.key) || "{}"); } catch (e) { marks = {}; }
+  try { marks = readJson(localStorage.getItem(review.key)); } catch (e) { marks = {}; }
+  const tabMarks = readJson(window.name)[review.key];
+  function saveMarks() {
+    try { localStorage.setItem(review.key, JSON.stringify(marks)); } catch (e) { /* private mode: the tab keeps them */ }
+    const tab = readJson(window.name);
+    tab[review.key] = marks;
+    window.name = JSON.stringify(tab);
+  }
+  // the tab's copy wins, and is written back to localStorage in case this process lost it
+  if (tabMarks && typeof tabMarks === "object") { marks = tabMarks; saveMarks(); }
   const markKey = (card) => card.dataset.category + "\n" + card.dataset.path;
   function showMark(card) {
     const mark = marks[markKey(card)] || "none";
@@ -55,7 +71,7 @@
   }
   function setMark(card, mark) {
     if (mark) marks[markKey(card)] = mark; else delete marks[markKey(card)];
-    try { localStorage.setItem(review.key, JSON.stringify(marks)); } catch (e) { /* private mode: marks last the visit */ }
+    saveMarks();
     cards.filter((c) => markKey(c) === markKey(card)).forEach(showMark);
     showCount();
   }
@@ -77,6 +93,34 @@
     link.click();
     link.remove();
     setTimeout(() => URL.revokeObjectURL(link.href), 1000);
+  });
+  // load review.json: the marks of a downloaded file (another browser, another machine) onto the
+  // cards it names; they replace those cards' marks, the others keep theirs.
+  $("load-open").addEventListener("click", () => $("load").click());
+  $("load").addEventListener("change", (e) => {
+    const file = e.target.files[0];
+    if (!file) return;
+    file.text().then((text) => {
+      e.target.value = "";
+      let data = null;
+      try { data = JSON.parse(text); } catch (err) { data = null; }
+      if (!data || data.format !== review.format || !Array.isArray(data.images)) {
+        $("loaded").textContent = file.name + ": not a review.json (format " + review.format + ")";
+        return;
+      }
+      const onPage = new Set(cards.map(markKey));
+      let applied = 0;
+      data.images.forEach((i) => {
+        const key = i && i.category + "\n" + i.path;
+        if (onPage.has(key) && (i.mark === "good" || i.mark === "defect")) { marks[key] = i.mark; applied += 1; }
+      });
+      saveMarks();
+      cards.forEach(showMark);
+      showCount();
+      applyFilters();
+      $("loaded").textContent = applied + " marks loaded from " + file.name +
+        (applied < data.images.length ? ", " + (data.images.length - applied) + " not on this page" : "");
+    }).catch(() => { e.target.value = ""; $("loaded").textContent = file.name + ": could not be read"; });
   });
   function moveFocus(step) {
     const shown = cards.filter((c) => !c.hidden);

@@ -222,12 +222,14 @@ def render_report(run_name, data_name, categories, records):
 
 
 def review_bar(run_name, categories, records, labelled, versions):
-    """The marks' counter and download button; its data-* say what review.json records (gallery.js)."""
+    """The marks' counter, download and load buttons; its data-* say what review.json records (gallery.js)."""
     single = next(iter(versions.values())) if len(set(versions.values())) == 1 else ""
     return (f'<div id="review" data-key="{esc(review_key(run_name, categories, records))}" '
             f'data-format="{REVIEW_FORMAT}" data-report="{esc(run_name)}" '
             f'data-paths="{"data_path" if labelled else ""}" data-version="{esc(single)}">'
             f'<span id="marked" class="muted"></span> <button type="button" id="download">download review.json</button> '
+            f'<button type="button" id="load-open">load review.json</button>'
+            f'<input type="file" id="load" accept=".json,application/json" hidden> <span id="loaded" class="muted"></span> '
             f'<span class="muted">mark: click <b>good</b> (a false alarm) or <b>defect</b> (a miss), or keys '
             f'<kbd>j</kbd>/<kbd>k</kbd> move, <kbd>g</kbd> good, <kbd>d</kbd> defect, <kbd>u</kbd> unmark</span></div>')
 

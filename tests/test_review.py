@@ -157,8 +157,27 @@ def test_marks_download_and_update(tiny_model, browser, tmp_path, capsys):  # no
     assert {p: m for p, m, _ in cards() if m != "none"} == expected
     assert browser.find_element(By.ID, "marked").text == "3 good, 1 defect marked"
 
-    browser.refresh()  # marks survive a reload
-    WebDriverWait(browser, 20).until(lambda d: d.execute_script("return document.body.dataset.ready === '1'"))
+    def reload():
+        browser.refresh()
+        WebDriverWait(browser, 20).until(lambda d: d.execute_script("return document.body.dataset.ready === '1'"))
+
+    # marks survive reloads, also a mark changed just before one (the fifth card: good, defect, ...)
+    for n in range(6):
+        card = browser.find_elements(By.CSS_SELECTOR, ".card")[4]
+        mark = "good" if n % 2 == 0 else "defect"
+        card.find_element(By.CSS_SELECTOR, f'button.mark[data-set="{mark}"]').click()
+        expected[order[4]] = mark
+        reload()
+        assert {p: m for p, m, _ in cards() if m != "none"} == expected, f"reload {n}"
+    # both copies hold the marks: localStorage's, for a later visit in a new tab, and the tab's
+    # (window.name), which alone brings them back on a reload into a process whose file://
+    # localStorage is empty (Chromium does that now and then: the CI run that lost every mark)
+    key = browser.execute_script("return document.getElementById('review').dataset.key")
+    stored = browser.execute_script("return [localStorage.getItem(arguments[0]), window.name]", key)
+    by_path = {k.split("\n", 1)[1]: m for k, m in json.loads(stored[0]).items()}
+    assert by_path == expected and json.loads(stored[1])[key] == json.loads(stored[0])
+    browser.execute_script("localStorage.clear()")
+    reload()
     assert {p: m for p, m, _ in cards() if m != "none"} == expected
     browser.execute_script("document.getElementById('filter-mark').value = 'good';"
                            "document.getElementById('filter-mark').dispatchEvent(new Event('change'))")
@@ -176,6 +195,32 @@ def test_marks_download_and_update(tiny_model, browser, tmp_path, capsys):  # no
     for image in review["images"]:
         assert image["score"] == pytest.approx(scores[image["path"]]) and image["model_version"] == version
         assert image["category"] == "widget"
+
+    # load review.json: the downloaded marks onto a page whose tab and storage have none
+    browser.execute_script("localStorage.clear(); window.name = '';")
+    reload()
+    assert browser.find_element(By.ID, "marked").text == "0 good, 0 defect marked"
+
+    def load(path):
+        browser.execute_script("document.getElementById('loaded').textContent = ''")
+        browser.find_element(By.ID, "load").send_keys(str(path))
+        WebDriverWait(browser, 20).until(lambda d: d.find_element(By.ID, "loaded").text)
+        return browser.find_element(By.ID, "loaded").text
+
+    assert load(target) == "4 marks loaded from review.json"
+    assert {p: m for p, m, _ in cards() if m != "none"} == expected
+    assert browser.find_element(By.ID, "marked").text == "3 good, 1 defect marked"
+    reload()  # loaded marks are kept like clicked ones
+    assert {p: m for p, m, _ in cards() if m != "none"} == expected
+    other = dict(review, images=[{**review["images"][0], "mark": "defect"},
+                                 {**review["images"][0], "path": "/elsewhere/part.png"}])
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    assert load(tmp_path / "other.json") == "1 marks loaded from other.json, 1 not on this page"
+    assert dict((p, m) for p, m, _ in cards())[review["images"][0]["path"]] == "defect"
+    marked = browser.find_element(By.ID, "marked").text
+    (tmp_path / "bad.json").write_text('{"format": "something else", "images": []}')
+    assert load(tmp_path / "bad.json") == f"bad.json: not a review.json (format {REVIEW_FORMAT})"
+    assert browser.find_element(By.ID, "marked").text == marked  # a refused file changes no mark
     assert console_errors(browser) == []
 
     # --update --from_review == --update on the same images (a data folder holding copies of them)
