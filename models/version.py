@@ -6,7 +6,8 @@
 
 The id hashes the network weights (and the int8 graph's quantised weights and scales), the
 projection, the statistics or memory bank, the preprocessing and method config and the
-thresholds: two models that answer alike share it, and anything that changes an answer (refit, --update, new thresholds from eval.py) changes it.
+thresholds: two models that answer alike share it, and anything that changes an answer (refit,
+--update, new thresholds from eval.py) changes it.
 Timestamps, paths and the image count are metadata, not part of the hash.
 """
 import datetime

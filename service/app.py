@@ -87,7 +87,7 @@ def create_app(workers, api_key=None, limits=Limits(), decode_threads=2, metrics
             if w.error and on_load_failure:
                 on_load_failure(w.error)
                 return
-        metrics.models_ready.set(sum(w.ready.is_set() for w in workers.values()))
+        metrics.count_ready(workers)
         log.info("ready: %s", ", ".join(workers))
 
     @contextlib.asynccontextmanager

@@ -62,6 +62,10 @@ class ServiceMetrics:
         for label in ("normal", "anomalous"):
             self.answers.labels(category, label)
 
+    def count_ready(self, workers):
+        """anomaly_models_ready: the models of `workers` (category -> worker) loaded and warmed up."""
+        self.models_ready.set(sum(w.ready.is_set() for w in workers.values()))
+
     def observe_request(self, endpoint, category, status, seconds):
         self.requests.labels(endpoint, category, str(status)).inc()
         if status >= 400:

@@ -167,7 +167,7 @@ class Reloader:
             self.metrics.serving(category, new.version, new.meta["calibration"].get("validation"))
             self.workers[category] = new  # served from here on: one assignment, on the event loop
             self.busy_workers.discard(new)
-            self.metrics.models_ready.set(sum(w.ready.is_set() for w in self.workers.values()))
+            self.metrics.count_ready(self.workers)
             self.last[category] = answer = dict(answer, result="added", model_version=new.version["id"])
             self.metrics.observe_reload(category, "added")
             log.info("new category %s (%s): added, version %s", category, trigger, new.version["id"])
