@@ -125,6 +125,17 @@ def test_int8_accuracy_within_bounds_on_bottle(avx2, bottle_run, mvtec_lite, r18
         assert abs(int8[key] - fp32[key]) <= bound, (key, fp32[key], int8[key])
 
 
+def test_svd_ortho_at_int8_chooses_its_projection_at_fp32(avx2, synthetic_root, r18_weights, tmp_path):
+    """svd_ortho's first pass (the Gram matrix that picks the projection) runs at fp32; the projected
+    network is then quantised and the statistics are fitted on its int8 features."""
+    fp32 = fit_tiny(synthetic_root, str(tmp_path / "fp32"), r18_weights, "--method", "svd_ortho")
+    int8 = fit_tiny(synthetic_root, str(tmp_path / "int8"), r18_weights, "--method", "svd_ortho", "--precision", "int8")
+    assert int8["projection_kind"] == fp32["projection_kind"] == "matrix"
+    np.testing.assert_array_equal(int8["projection"], fp32["projection"])
+    assert "int8_graph" not in fp32 and int8["int8_graph"]["params"].size > 0
+    assert not np.array_equal(int8["stats"]["mean"], fp32["stats"]["mean"])
+
+
 def test_fp32_model_at_int8_is_refused(avx2, synthetic_root, r18_weights, tmp_path, capsys):
     save = str(tmp_path / "fp32")
     fit_tiny(synthetic_root, save, r18_weights)
