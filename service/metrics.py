@@ -43,7 +43,8 @@ class ServiceMetrics:
                                 ["category", "version", "parent"], registry=r)
         self.model_loaded = Gauge("anomaly_model_loaded_timestamp_seconds", "When the serving model was swapped in",
                                   ["category"], registry=r)
-        self.reloads = Counter("anomaly_reloads", "Reloads by result (reloaded, unchanged, failed; added: a new category)",
+        self.reloads = Counter("anomaly_reloads",
+                               "Reloads by result (reloaded, unchanged, failed; added: a new category)",
                                ["category", "result"], registry=r)
         self.reload_failed = Gauge("anomaly_reload_failed", "1 while the latest reload of a category has failed "
                                    "(the model loaded before keeps serving)", ["category"], registry=r)

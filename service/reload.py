@@ -151,10 +151,7 @@ class Reloader:
                 return {"category": category, "result": "unchanged", "trigger": trigger, "at": time.time(),
                         "model_version": self.workers[category].version["id"]}
             found = export_fingerprint(folder)
-            new, error = await self._load(category, folder)
-            if new is not None and export_fingerprint(folder) != found:
-                self._spawn(self._retire(new))
-                new, error = None, f"the export folder {folder} changed while it was loaded; reload again"
+            new, error = await self._load(category, folder, found)
             answer = {"category": category, "trigger": trigger, "at": time.time()}
             if new is None:
                 self.not_added[category] = {"error": error, "at": answer["at"], "fingerprint": found, "folder": folder}
@@ -196,13 +193,9 @@ class Reloader:
         if found == self.serving[category]:
             self.failure.pop(category, None)
             return {"category": category, "result": "unchanged", "model_version": old.version["id"]}
-        new, error = await self._load(category, folder)
+        new, error = await self._load(category, folder, found)
         if new is None:  # the old model serves on
             return self._failed(category, error, found)
-        if export_fingerprint(folder) != found:  # rewritten while it loaded: what we hold may mix two exports
-            self._spawn(self._retire(new))
-            return self._failed(category, f"the export folder {folder} changed while it was loaded; reload again",
-                                found)
         self.workers[category] = new  # the swap: one assignment, on the event loop
         self.busy_workers.discard(new)
         self.serving[category] = found
@@ -212,8 +205,9 @@ class Reloader:
         return {"category": category, "result": "reloaded", "model_version": new.version["id"],
                 "previous_version": old.version["id"]}
 
-    async def _load(self, category, folder):
-        """A started, warmed-up worker over `folder` -> (worker, None), or (None, why it failed)."""
+    async def _load(self, category, folder, found):
+        """A started, warmed-up worker over `folder`, whose fingerprint was `found` before the load
+        -> (worker, None), or (None, why it failed)."""
         try:
             new = await asyncio.get_running_loop().run_in_executor(None, self.make_worker, category, folder)
         except Exception as err:  # noqa: BLE001 - any unreadable export
@@ -224,6 +218,9 @@ class Reloader:
         if new.error:
             self.busy_workers.discard(new)
             return None, new.error.split(": ", 1)[-1]
+        if export_fingerprint(folder) != found:  # rewritten while it loaded: what we hold may mix two exports
+            self._spawn(self._retire(new))
+            return None, f"the export folder {folder} changed while it was loaded; reload again"
         return new, None
 
     @staticmethod

@@ -39,11 +39,10 @@ def return_freed_images_to_the_os(threshold=4 * 2**20):
         pass
 
 
-def connection_limits(args, retry_after_s):
+def connection_limits(args):
     """uvicorn settings that bound connections: over --max_connections open ones (or requests in
-    flight) a request is answered 503 (JSON, Retry-After) at once; a connection waits --keep_alive_s at most for its
+    flight) a request is answered 503 at once; a connection waits --keep_alive_s at most for its
     next request's headers (service/connections.py)."""
-    answer_connections_full(retry_after_s)  # JSON like the service's other refusals
     # uvicorn counts the connection of the request it checks: +1 lets --max_connections be served.
     return {"limit_concurrency": args.max_connections + 1, "timeout_keep_alive": args.keep_alive_s,
             "http": HeadersDeadlineProtocol}
@@ -81,9 +80,10 @@ def run_service(args):
                     max_body_buffer_bytes=int(args.max_body_buffer_mb * 2**20))
     app = create_app(workers, api_key=args.api_key, decode_threads=args.decode_threads, metrics=metrics,
                      limits=limits, on_load_failure=load_failed, reloader=reloader)
+    answer_connections_full(limits.retry_after_s)  # over --max_connections: JSON like the other refusals
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, access_log=args.access_log,
                                            timeout_graceful_shutdown=args.graceful_timeout, log_level="info",
-                                           **connection_limits(args, limits.retry_after_s)))
+                                           **connection_limits(args)))
     # uvicorn re-raises the signal that stopped it once it has shut down gracefully; a no-op
     # handler underneath turns that into a normal exit 0 (what a process manager expects).
     for sig in (signal.SIGTERM, signal.SIGINT):
